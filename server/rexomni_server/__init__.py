@@ -1,0 +1,3 @@
+"""Rex-Omni inference server."""
+
+__version__ = "0.1.0"

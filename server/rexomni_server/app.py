@@ -1,0 +1,66 @@
+"""The FastAPI application factory (HTTP composition root)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rexomni_server import __version__
+from rexomni_server.runtime import Runtime
+from rexomni_server.service import new_request_id
+from rexomni_server.settings import Settings
+from rexomni_server.transport.http import REQUEST_ID_HEADER, build_router, install_error_handlers
+
+
+class RequestIdMiddleware:
+    """Accepts ``X-Request-ID`` (or makes one), exposes it as ``request.state.request_id`` and
+    returns it on every response. Pure ASGI, so streaming responses are not buffered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = REQUEST_ID_HEADER.lower().encode()
+        given = dict(scope.get("headers", [])).get(header, b"").decode("latin-1").strip()[:128]
+        request_id = given or new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != header]
+                headers.append((header, request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or (runtime.settings if runtime else Settings())
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start_background()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Rex-Omni server",
+        version=__version__,
+        description="Detect anything named in text: boxes, points, polygons, keypoints, OCR, GUI.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(build_router())
+    app.add_middleware(RequestIdMiddleware)
+    return app

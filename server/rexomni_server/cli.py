@@ -1,0 +1,156 @@
+"""``rexomni-server``: serve, make-tiny-model, and the prompt/parse debug tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rexomni_server.tasks import KEYPOINT_SETS, Task
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "model",
+        "engine",
+        "host",
+        "port",
+        "device",
+        "dtype",
+        "max_concurrency",
+        "log_level",
+    )
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    for flag in ("fallback_to_tiny", "allow_forced_output"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rexomni_server.app import create_app
+    from rexomni_server.logs import configure_logging
+    from rexomni_server.settings import Settings
+
+    settings = Settings(**_settings_overrides(args))
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from rexomni_server.tiny import make_tiny_model
+
+    path = make_tiny_model(args.directory)
+    print(f"wrote a tiny RANDOM-WEIGHT Qwen2.5-VL checkpoint to {path}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from rexomni_server.schemas import DetectParams
+
+    fields: dict[str, Any] = {"task": args.task, "categories": args.categories or ""}
+    if args.keypoint_type:
+        fields["keypoint_type"] = args.keypoint_type
+    if getattr(args, "visual_prompt_boxes", None):
+        fields["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
+    return DetectParams.model_validate(fields)
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from rexomni_server.prompts import build_task_text
+
+    params = _params(args)
+    size = (args.width, args.height) if args.width and args.height else None
+    text = build_task_text(
+        params.task,
+        params.categories,
+        keypoint_type=params.keypoint_type,
+        visual_prompt_boxes=params.visual_prompt_boxes,
+        image_size=size,
+    )
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    from rexomni_server.parsing import parse_output
+    from rexomni_server.service import to_schema
+
+    detections, state = parse_output(Task(args.task), sys.stdin.read(), args.width, args.height)
+    out = {
+        "detections": [to_schema(d).model_dump() for d in detections],
+        "truncated": state.truncated,
+        "skipped": state.skipped,
+    }
+    json.dump(out, sys.stdout, indent=2 if args.pretty else None)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rexomni-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server (settings also from REXOMNI_* env)")
+    serve.add_argument("--model", help="checkpoint path or hub id; 'tiny' = random tiny model")
+    serve.add_argument("--engine", choices=["auto", "vllm", "transformers", "scripted"])
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument("--max-concurrency", type=int, dest="max_concurrency")
+    serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument(
+        "--fallback-to-tiny",
+        action="store_true",
+        help="serve the tiny random-weight model if the real one cannot be loaded (demos)",
+    )
+    serve.add_argument(
+        "--allow-forced-output", action="store_true", help="accept options.forced_output (tests)"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the tiny random checkpoint to DIR")
+    tiny.add_argument("directory")
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    for name, func, help_text in (
+        ("prompt", cmd_prompt, "print the exact task text the model receives"),
+        ("parse", cmd_parse, "parse a raw model output from stdin into detections"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--task", required=True, choices=[t.value for t in Task])
+        p.add_argument("--categories", help="comma-separated")
+        p.add_argument("--keypoint-type", dest="keypoint_type", choices=sorted(KEYPOINT_SETS))
+        p.add_argument("--width", type=int, required=name == "parse")
+        p.add_argument("--height", type=int, required=name == "parse")
+        if name == "prompt":
+            p.add_argument("--visual-prompt-boxes", dest="visual_prompt_boxes", help="JSON boxes")
+        else:
+            p.add_argument("--pretty", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from rexomni_server.errors import RexOmniError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (RexOmniError, ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The engine protocol: start, ready, stream, abort, stop. Everything else is the service's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from PIL import Image
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    task_text: str  # the user text; engines wrap it in the chat template with the image
+    image: Image.Image  # already resized to the smart_resize size
+    sampling: SamplingConfig
+    forced_output: str | None = None  # tests/benchmarks: the exact output to produce
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One step of a generation stream.
+
+    The first event of a stream has ``started=True`` and ``prompt_tokens`` (the generation left
+    the queue); then text deltas; the last event carries ``finish_reason``.
+    """
+
+    text: str = ""
+    tokens: int = 0
+    started: bool = False
+    prompt_tokens: int | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Engine(Protocol):
+    name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Load the model; ``ready`` turns true when this returns."""
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Generate; closing the iterator early aborts the generation."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running generation (no-op for unknown ids)."""
+
+    async def stop(self) -> None:
+        """Release the model; in-flight generations end with finish_reason 'abort'."""

@@ -1,0 +1,65 @@
+"""A scripted engine: no model, replays a given output token by token (unit tests, demos).
+
+It streams ``forced_output`` (or the engine's default script) split into the same pieces a
+tokenizer would produce for specials and coordinates, so parser and transport behaviour can
+be tested fast and deterministically. It is never picked by ``engine=auto``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from rexomni_server.engines.base import EngineEvent, EngineRequest
+from rexomni_server.errors import EngineNotReady
+
+_PIECES = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]|<")
+
+
+def split_like_tokens(text: str) -> list[str]:
+    return _PIECES.findall(text)
+
+
+class ScriptedEngine:
+    name = "scripted"
+
+    def __init__(
+        self, default_output: str = "", token_delay_s: float = 0.0, prompt_tokens: int = 100
+    ) -> None:
+        self._default = default_output
+        self._delay = token_delay_s
+        self._prompt_tokens = prompt_tokens
+        self._ready = False
+        self._aborted: set[str] = set()
+        self.requests: list[EngineRequest] = []  # what it was asked (tests inspect it)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+
+    async def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if not self._ready:
+            raise EngineNotReady("the scripted engine is not started")
+        self.requests.append(request)
+        text = request.forced_output if request.forced_output is not None else self._default
+        pieces = split_like_tokens(text)
+        budget = request.sampling.max_new_tokens
+        yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
+        for piece in pieces[:budget]:
+            if request.request_id in self._aborted:
+                yield EngineEvent(finish_reason="abort")
+                return
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            yield EngineEvent(text=piece, tokens=1)
+        yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")

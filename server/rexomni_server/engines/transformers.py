@@ -1,0 +1,233 @@
+"""The transformers engine: any Qwen2.5-VL checkpoint on any machine (CPU or GPU).
+
+Each generation runs ``model.generate`` in a worker thread of a bounded pool (torch releases
+the GIL in its kernels), streaming token ids back to the event loop; no lock is held across
+generations. Cancellation is a stopping criterion polled after every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
+from rexomni_server.engines.detokenize import IncrementalDetokenizer
+from rexomni_server.engines.forced import ForcedOutputLogitsProcessor, forced_token_ids
+from rexomni_server.errors import EngineFailure, EngineNotReady
+from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Started:
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Finished:
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+_Item = _Started | _Tokens | _Finished | _Failed
+
+
+class _QueueStreamer:
+    """transformers streamer that forwards new token ids to the event loop."""
+
+    def __init__(self, emit: Callable[[_Item], None]) -> None:
+        self._emit = emit
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self._emit(_Tokens(value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        pass
+
+
+class _CancelCriteria:
+    """Stopping criterion: ends the generation once the request's event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_concurrency: int = 4,
+    ) -> None:
+        self.model_path = model_path
+        self._device_setting = device
+        self._dtype_setting = dtype
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
+        self._cancel: dict[str, threading.Event] = {}
+        self._ready = False
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._image_processor: Any = None
+        self._device = "cpu"
+        self._eos_id = -1
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._ready = True
+
+    def _load(self) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        self._device, torch_dtype = resolve_device_and_dtype(self._device_setting, self._dtype_setting)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._image_processor = AutoImageProcessor.from_pretrained(self.model_path)
+        model_class: Any = Qwen2_5_VLForConditionalGeneration
+        model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
+        self._model = model.to(self._device).eval()
+        self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        log.info("transformers engine loaded %s on %s (%s)", self.model_path, self._device, torch_dtype)
+
+    async def stop(self) -> None:
+        self._ready = False
+        for event in self._cancel.values():
+            event.set()
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        self._model = None
+
+    async def abort(self, request_id: str) -> None:
+        event = self._cancel.get(request_id)
+        if event is not None:
+            event.set()
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if not self._ready:
+            raise EngineNotReady("the model is still loading")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        cancel = threading.Event()
+        self._cancel[request.request_id] = cancel
+
+        def emit(item: _Item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = loop.run_in_executor(self._pool, self._generate, request, cancel, emit)
+        detokenizer = IncrementalDetokenizer(self._tokenizer, skip_ids=frozenset({self._eos_id}))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Started):
+                    yield EngineEvent(started=True, prompt_tokens=item.prompt_tokens)
+                elif isinstance(item, _Tokens):
+                    yield EngineEvent(text=detokenizer.add(item.ids), tokens=len(item.ids))
+                elif isinstance(item, _Failed):
+                    raise EngineFailure(f"generation failed: {item.error}") from item.error
+                else:
+                    tail = detokenizer.flush()
+                    yield EngineEvent(text=tail, finish_reason=item.reason)
+                    break
+            await future
+        finally:
+            cancel.set()  # a consumer that stopped early aborts the generation
+            self._cancel.pop(request.request_id, None)
+
+    # -- worker thread ----------------------------------------------------------------------
+    def _generate(
+        self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]
+    ) -> None:
+        try:
+            if cancel.is_set():
+                emit(_Finished("abort"))
+                return
+            emit(self._run(request, cancel, emit))
+        except BaseException as exc:
+            log.exception("generation %s failed", request.request_id)
+            emit(_Failed(exc))
+
+    def _run(
+        self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]
+    ) -> _Finished:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        vision = self._image_processor(images=[request.image], do_resize=False, return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        merge = int(getattr(self._image_processor, "merge_size", 2))
+        image_tokens = int(grid.prod().item()) // (merge * merge)
+        prompt = build_chat_prompt(request.task_text, image_tokens=image_tokens)
+        input_ids = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        prompt_length = int(input_ids.shape[1])
+        emit(_Started(prompt_length))
+
+        processors = LogitsProcessorList()
+        if request.forced_output is not None:
+            forced = forced_token_ids(self._tokenizer, request.forced_output)
+            processors.append(ForcedOutputLogitsProcessor(forced, prompt_length, self._eos_id))
+        sampling = request.sampling
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "repetition_penalty": sampling.repetition_penalty,
+            "do_sample": not sampling.greedy,
+        }
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        with torch.inference_mode():
+            output = self._model.generate(
+                input_ids=input_ids.to(self._device),
+                attention_mask=torch.ones_like(input_ids).to(self._device),
+                pixel_values=vision["pixel_values"].to(self._device, self._model.dtype),
+                image_grid_thw=grid.to(self._device),
+                eos_token_id=self._eos_id,
+                pad_token_id=self._tokenizer.pad_token_id,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
+                streamer=_QueueStreamer(emit),
+                **kwargs,
+            )
+        generated = output[0, prompt_length:].tolist()
+        if cancel.is_set():
+            return _Finished("abort")
+        if generated and generated[-1] == self._eos_id:
+            return _Finished("stop")
+        return _Finished("length")

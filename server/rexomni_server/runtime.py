@@ -1,0 +1,126 @@
+"""Composition root shared by every transport: settings -> model -> engine -> service.
+
+The engine loads in a background task so the HTTP server answers /health (and /ready with
+503) while a multi-GB model loads. With ``fallback_to_tiny`` a model that cannot be loaded is
+replaced by the tiny random-weight checkpoint, and every response says so in ``model``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from pathlib import Path
+
+from rexomni_server.engines.base import Engine
+from rexomni_server.errors import InvalidRequest
+from rexomni_server.service import DetectionService
+from rexomni_server.settings import TINY_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+TINY_LABEL = "tiny-random (RANDOM WEIGHTS: detections are meaningless)"
+
+
+def ensure_tiny_model(directory: Path) -> Path:
+    from rexomni_server.tiny import is_tiny_model, make_tiny_model
+
+    if not is_tiny_model(directory):
+        log.warning("generating the tiny random-weight checkpoint in %s", directory)
+        make_tiny_model(directory)
+    return directory
+
+
+def choose_engine_name(settings: Settings) -> str:
+    if settings.engine != "auto":
+        return settings.engine
+    if (
+        importlib.util.find_spec("vllm") is not None
+        and importlib.util.find_spec("rexomni_server.engines.vllm") is not None
+    ):
+        return "vllm"
+    return "transformers"
+
+
+def build_engine(settings: Settings, model_path: str) -> Engine:
+    name = choose_engine_name(settings)
+    if name == "transformers":
+        from rexomni_server.engines.transformers import TransformersEngine
+
+        return TransformersEngine(
+            model_path,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_concurrency=settings.max_concurrency,
+        )
+    if name == "scripted":
+        from rexomni_server.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine()
+    raise InvalidRequest(f"engine {name!r} is not available in this installation")
+
+
+class Runtime:
+    """Owns the engine's life: build, start in the background, fall back, stop."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, model_label: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.random_weights = False
+        self.boot_error: str | None = None
+        if engine is None:
+            model_path = settings.model
+            if model_path == TINY_MODEL:
+                model_path = str(ensure_tiny_model(settings.tiny_model_dir))
+                self.random_weights = True
+            engine = build_engine(settings, model_path)
+        if model_label is None:
+            model_label = TINY_LABEL if self.random_weights else settings.model
+        self.service = DetectionService(settings, engine, model_label)
+        self._boot: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.service.engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    def start_background(self) -> None:
+        self._boot = asyncio.create_task(self._start())
+
+    async def wait_ready(self) -> None:
+        if self._boot is not None:
+            await self._boot
+
+    async def _start(self) -> None:
+        try:
+            await self.engine.start()
+            log.info(
+                "engine ready",
+                extra={"fields": {"engine": self.engine.name, "model": self.service.model_label}},
+            )
+        except Exception as exc:
+            if self.settings.fallback_to_tiny and not self.random_weights:
+                log.warning(
+                    "model %r could not be loaded (%s); serving the tiny RANDOM-WEIGHT model instead",
+                    self.settings.model,
+                    exc,
+                )
+                path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
+                self.random_weights = True
+                self.service.engine = build_engine(
+                    self.settings.model_copy(update={"engine": "transformers"}), str(path)
+                )
+                self.service.model_label = TINY_LABEL
+                await self.engine.start()
+                return
+            self.boot_error = f"{type(exc).__name__}: {exc}"
+            log.error("engine failed to start: %s", self.boot_error)
+
+    async def stop(self) -> None:
+        if self._boot is not None and not self._boot.done():
+            self._boot.cancel()
+        await self.engine.stop()

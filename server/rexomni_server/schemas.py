@@ -1,0 +1,203 @@
+"""The public JSON API: the single source of truth for HTTP, the Python client and gRPC."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rexomni_server.tasks import KEYPOINT_SETS, Task
+
+MAX_CATEGORIES = 64
+MAX_CATEGORY_CHARS = 256
+MAX_VISUAL_PROMPT_BOXES = 64
+
+XY = Annotated[list[float], Field(min_length=2, max_length=2)]
+XYXY = Annotated[list[float], Field(min_length=4, max_length=4)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- detections -----------------------------------------------------------------------------
+class _DetectionBase(_Strict):
+    label: str = Field(description="Category, GUI element, or the recognised text (OCR tasks).")
+    score: float | None = Field(
+        default=None, description="Confidence in [0, 1] where the engine can compute one."
+    )
+
+
+class BoxDetection(_DetectionBase):
+    type: Literal["box"] = "box"
+    box: XYXY = Field(description="[x0, y0, x1, y1] in pixels of the original image.")
+
+
+class PointDetection(_DetectionBase):
+    type: Literal["point"] = "point"
+    point: XY = Field(description="[x, y] in pixels of the original image.")
+
+
+class PolygonDetection(_DetectionBase):
+    type: Literal["polygon"] = "polygon"
+    polygon: list[XY] = Field(min_length=3, description="[[x, y], ...] vertices in pixels.")
+
+
+class KeypointsDetection(_DetectionBase):
+    type: Literal["keypoints"] = "keypoints"
+    box: XYXY
+    keypoints: dict[str, XY | None] = Field(description="Name -> [x, y], or null when hidden.")
+
+
+DetectionModel = Annotated[
+    BoxDetection | PointDetection | PolygonDetection | KeypointsDetection,
+    Field(discriminator="type"),
+]
+
+
+# ---- requests -------------------------------------------------------------------------------
+class DetectOptions(_Strict):
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Generation budget; default and ceiling set by the server."
+    )
+    min_pixels: int | None = Field(default=None, ge=1, description="smart_resize lower bound.")
+    max_pixels: int | None = Field(default=None, ge=1, description="smart_resize upper bound.")
+    return_raw_output: bool = Field(default=False, description="Include the model's raw text.")
+    forced_output: str | None = Field(
+        default=None,
+        description="Testing/benchmarking only: the raw output the model is forced to write. "
+        "Rejected unless the server enables forced outputs.",
+    )
+
+
+class DetectParams(_Strict):
+    """Everything about a request except the image (shared by JSON, multipart and gRPC)."""
+
+    task: Task = Task.DETECTION
+    categories: list[str] = Field(
+        default_factory=list, description="Phrases to find; a comma-separated string is accepted."
+    )
+    keypoint_type: Literal["person", "animal"] | None = Field(
+        default=None, description="Keypoint set for task=keypoint (default: the category name)."
+    )
+    visual_prompt_boxes: list[XYXY] | None = Field(
+        default=None, description="Reference boxes [x0, y0, x1, y1] in original-image pixels."
+    )
+    options: DetectOptions = Field(default_factory=DetectOptions)
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _split_categories(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.split(",")
+        return value
+
+    @field_validator("categories")
+    @classmethod
+    def _clean_categories(cls, value: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in value if c.strip()]
+        if len(cleaned) > MAX_CATEGORIES:
+            raise ValueError(f"at most {MAX_CATEGORIES} categories per request")
+        for category in cleaned:
+            if len(category) > MAX_CATEGORY_CHARS:
+                raise ValueError(f"a category is longer than {MAX_CATEGORY_CHARS} characters")
+            if "<|" in category or "|>" in category:
+                raise ValueError("categories may not contain special-token markers '<|' or '|>'")
+        return cleaned
+
+    @field_validator("visual_prompt_boxes")
+    @classmethod
+    def _check_boxes(cls, value: list[list[float]] | None) -> list[list[float]] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_VISUAL_PROMPT_BOXES:
+            raise ValueError(f"at most {MAX_VISUAL_PROMPT_BOXES} visual prompt boxes")
+        for x0, y0, x1, y1 in value:
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                raise ValueError("visual prompt box coordinates must be finite numbers")
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError("each visual prompt box needs x1 > x0 and y1 > y0")
+        return value
+
+    @model_validator(mode="after")
+    def _check_task_inputs(self) -> DetectParams:
+        if self.task is Task.VISUAL_PROMPTING:
+            if not self.visual_prompt_boxes:
+                raise ValueError("task 'visual_prompting' needs visual_prompt_boxes")
+        elif not self.categories:
+            raise ValueError(f"task {self.task.value!r} needs at least one category")
+        if self.task is Task.KEYPOINT and self.keypoint_type is None:
+            # Sensible default: a category that names a keypoint set picks it.
+            if len(self.categories) == 1 and self.categories[0] in KEYPOINT_SETS:
+                self.keypoint_type = self.categories[0]  # type: ignore[assignment]
+            else:
+                raise ValueError(f"task 'keypoint' needs keypoint_type, one of {sorted(KEYPOINT_SETS)}")
+        return self
+
+
+class DetectRequest(DetectParams):
+    """``POST /v1/detect`` body."""
+
+    image: str = Field(description="The image as base64 or a data URI (data:image/png;base64,...).")
+
+
+# ---- results --------------------------------------------------------------------------------
+class ImageInfo(_Strict):
+    width: int
+    height: int
+    resized_width: int = Field(description="Width of the image the model saw (smart_resize).")
+    resized_height: int
+
+
+class Usage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(_Strict):
+    queue_ms: float = Field(description="Waiting for a generation slot.")
+    first_detection_ms: float | None = Field(description="From arrival to the first detection.")
+    total_ms: float
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class DetectResult(_Strict):
+    request_id: str
+    model: str
+    task: Task
+    detections: list[DetectionModel]
+    image: ImageInfo
+    truncated: bool = Field(description="The output was cut off (max_new_tokens) mid-answer.")
+    finish_reason: FinishReason
+    skipped: int = Field(description="Unparseable pieces of the output that were ignored.")
+    usage: Usage
+    timings: Timings
+    raw_output: str | None = None
+
+
+class ErrorBody(_Strict):
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(_Strict):
+    error: ErrorBody
+
+
+class TaskInfo(_Strict):
+    name: Task
+    template: str
+    description: str
+    output: str
+    requires_categories: bool
+    requires_visual_prompt: bool
+    requires_keypoint_type: bool
+
+
+class TasksResponse(_Strict):
+    tasks: list[TaskInfo]
+    keypoint_sets: dict[str, list[str]]

@@ -1,0 +1,86 @@
+"""Server settings: one class, read once in the composition root (env prefix ``REXOMNI_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "IDEA-Research/Rex-Omni"
+TINY_MODEL = "tiny"  # special value: generate and serve the tiny random checkpoint
+PIXEL_UNIT = 28 * 28
+
+EngineName = Literal["auto", "vllm", "transformers", "scripted"]
+
+
+def default_tiny_dir() -> Path:
+    return Path.home() / ".cache" / "rexomni" / "tiny-random"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REXOMNI_", extra="ignore")
+
+    # -- model and engine --
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Checkpoint path or hub id; 'tiny' serves a generated random-weight model.",
+    )
+    engine: EngineName = "auto"
+    fallback_to_tiny: bool = Field(
+        default=False,
+        description="If the model cannot be loaded (offline, no weights), serve the tiny "
+        "random-weight model instead, loudly labelled. For demos, never for production.",
+    )
+    tiny_model_dir: Path = Field(default_factory=default_tiny_dir)
+    device: str = Field(default="auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="'auto': bfloat16 on GPU, float32 on CPU."
+    )
+    max_concurrency: int = Field(
+        default=4, ge=1, description="Generations the transformers engine runs at once."
+    )
+
+    # -- decoding defaults of the reference implementation --
+    max_new_tokens: int = Field(default=4096, ge=1)
+    max_new_tokens_limit: int = Field(default=8192, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=0.8, gt=0.0, le=1.0)
+    top_k: int = Field(default=1, ge=0)
+    repetition_penalty: float = Field(default=1.05, gt=0.0)
+    max_model_len: int = Field(default=4096, ge=256)
+
+    # -- images --
+    min_pixels: int = Field(default=16 * PIXEL_UNIT, ge=PIXEL_UNIT)
+    max_pixels: int = Field(default=2560 * PIXEL_UNIT, ge=PIXEL_UNIT)
+    max_pixels_limit: int = Field(
+        default=16384 * PIXEL_UNIT, description="Ceiling for a request's max_pixels option."
+    )
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_side: int = Field(default=16384, ge=28)
+    max_decoded_pixels: int = Field(
+        default=100_000_000, description="Decompression-bomb guard on the decoded image."
+    )
+
+    # -- serving --
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_queue: int = Field(
+        default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    allow_forced_output: bool = Field(
+        default=False, description="Accept options.forced_output (tests and benchmarks only)."
+    )
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        if self.max_pixels > self.max_pixels_limit:
+            raise ValueError("max_pixels must not exceed max_pixels_limit")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("max_new_tokens must not exceed max_new_tokens_limit")
+        return self
