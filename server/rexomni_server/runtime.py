@@ -20,6 +20,9 @@ from rexomni_server.settings import TINY_MODEL, Settings
 log = logging.getLogger(__name__)
 
 TINY_LABEL = "tiny-random (RANDOM WEIGHTS: detections are meaningless)"
+# A random model rarely writes its end token: cap its default budget so demo requests return
+# in about a second instead of running to 4096 tokens (a request may still ask for more).
+TINY_DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def ensure_tiny_model(directory: Path) -> Path:
@@ -29,6 +32,27 @@ def ensure_tiny_model(directory: Path) -> Path:
         log.warning("generating the tiny random-weight checkpoint in %s", directory)
         make_tiny_model(directory)
     return directory
+
+
+def model_reachable(model: str, timeout_s: float = 5.0) -> bool:
+    """Cheap check that a checkpoint can be had: a local folder, the hub cache, or the hub.
+
+    transformers retries an unreachable hub for about a minute before failing; with
+    ``fallback_to_tiny`` this check lets an offline machine fall back at once.
+    """
+    if Path(model).expanduser().is_dir():
+        return True
+    try:
+        import huggingface_hub
+    except ImportError:
+        return False
+    if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+        return True
+    try:
+        huggingface_hub.HfApi().model_info(model, timeout=timeout_s)
+    except Exception:  # any failure means "not reachable now"
+        return False
+    return True
 
 
 def choose_engine_name(settings: Settings) -> str:
@@ -78,6 +102,8 @@ class Runtime:
         if model_label is None:
             model_label = TINY_LABEL if self.random_weights else settings.model
         self.service = DetectionService(settings, engine, model_label)
+        if self.random_weights:
+            self._label_random_weights()
         self._boot: asyncio.Task[None] | None = None
 
     @property
@@ -97,6 +123,12 @@ class Runtime:
 
     async def _start(self) -> None:
         try:
+            if self.settings.fallback_to_tiny and not self.random_weights:
+                reachable = await asyncio.to_thread(model_reachable, self.settings.model)
+                if not reachable:
+                    raise FileNotFoundError(
+                        f"{self.settings.model!r} is neither a folder nor reachable on the hub"
+                    )
             await self.engine.start()
             log.info(
                 "engine ready",
@@ -111,14 +143,19 @@ class Runtime:
                 )
                 path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
                 self.random_weights = True
+                self._label_random_weights()
                 self.service.engine = build_engine(
                     self.settings.model_copy(update={"engine": "transformers"}), str(path)
                 )
-                self.service.model_label = TINY_LABEL
                 await self.engine.start()
                 return
             self.boot_error = f"{type(exc).__name__}: {exc}"
             log.error("engine failed to start: %s", self.boot_error)
+
+    def _label_random_weights(self) -> None:
+        self.service.model_label = TINY_LABEL
+        budget = min(self.settings.max_new_tokens, TINY_DEFAULT_MAX_NEW_TOKENS)
+        self.service.settings = self.settings.model_copy(update={"max_new_tokens": budget})
 
     async def stop(self) -> None:
         if self._boot is not None and not self._boot.done():

@@ -1,0 +1,118 @@
+"""Parser throughput and tiny-model end-to-end latency (CPU). Prints a table.
+
+    .venv/bin/python benchmarks/core_latency.py [--boxes 50] [--repeats 5]
+
+1. Parse throughput: a forced-style output of N boxes parsed whole and token by token
+   (the streaming path), in tokens/s.
+2. End to end on the tiny random model with forced outputs: HTTP app (in-process ASGI) vs the
+   engine called directly, same requests, same run, so the ratio is the server's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import re
+import statistics
+import tempfile
+import time
+
+import httpx
+from PIL import Image
+
+from rexomni_server.app import create_app
+from rexomni_server.engines.base import EngineRequest, SamplingConfig
+from rexomni_server.parsing import StreamParser, parse_output
+from rexomni_server.runtime import Runtime
+from rexomni_server.settings import Settings
+from rexomni_server.tasks import Task
+from rexomni_server.tiny import make_tiny_model
+
+TOKEN = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]+")
+
+
+def forced_boxes(n: int) -> str:
+    boxes = ", ".join(f"<{i % 900}><{(i * 7) % 900}><{i % 900 + 50}><{(i * 7) % 900 + 60}>" for i in range(n))
+    return f"<|object_ref_start|>person<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
+
+
+def bench_parser(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
+    text = forced_boxes(n_boxes) * 20  # ~20 groups
+    pieces = TOKEN.findall(text)
+    whole_times, stream_times = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        parse_output(Task.DETECTION, text, 1000, 1000)
+        whole_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        parser = StreamParser(Task.DETECTION, 1000, 1000)
+        for piece in pieces:
+            parser.feed(piece)
+        parser.finish()
+        stream_times.append(time.perf_counter() - t)
+    tokens = len(pieces)
+    return [
+        ("parse whole, tokens/s", f"{tokens / statistics.median(whole_times):,.0f}"),
+        ("parse streamed token by token, tokens/s", f"{tokens / statistics.median(stream_times):,.0f}"),
+        ("tokens per run", f"{tokens:,}"),
+    ]
+
+
+async def bench_end_to_end(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_model(tmp)
+        settings = Settings(model=tmp, engine="transformers", allow_forced_output=True)
+        runtime = Runtime(settings)
+        await runtime.engine.start()
+        app = create_app(runtime=runtime)
+        buf = io.BytesIO()
+        Image.new("RGB", (640, 480), (20, 90, 160)).save(buf, "JPEG")
+        body = {
+            "image": base64.b64encode(buf.getvalue()).decode(),
+            "categories": ["person"],
+            "options": {"forced_output": forced_boxes(n_boxes)},
+        }
+        direct, via_http, first = [], [], []
+        prepared = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((644, 476))
+        sampling = SamplingConfig(4096, 0.0, 0.8, 1, 1.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
+            await client.post("/v1/detect", json=body)  # warm-up
+            for i in range(repeats):
+                t = time.perf_counter()
+                request = EngineRequest(
+                    f"d{i}", "Detect person.", prepared, sampling, body["options"]["forced_output"]
+                )  # type: ignore[index]
+                tokens = sum([e.tokens async for e in runtime.engine.stream(request)])
+                direct.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                result = (await client.post("/v1/detect", json=body)).json()
+                via_http.append(time.perf_counter() - t)
+                first.append(result["timings"]["first_detection_ms"])
+        await runtime.stop()
+    d, h = statistics.median(direct), statistics.median(via_http)
+    return [
+        (f"engine direct, {n_boxes} boxes ({tokens} tokens), ms", f"{d * 1000:.1f}"),
+        ("HTTP /v1/detect end to end, ms", f"{h * 1000:.1f}"),
+        ("HTTP time to first detection, ms", f"{statistics.median(first):.1f}"),
+        ("HTTP / engine ratio", f"{h / d:.2f}"),
+        ("engine ms per token (tiny model, CPU)", f"{d * 1000 / tokens:.2f}"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    rows = bench_parser(args.boxes, args.repeats) + asyncio.run(bench_end_to_end(args.boxes, args.repeats))
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    print(f"{'-' * width}  -----")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""``rexomni-server serve`` as a real process on loopback: uvicorn, the tiny model, the Python
+client and the ``rexomni`` CLI against it, and the offline fallback to the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rexomni_client import RexOmniClient, RexOmniHTTPError
+from tests.conftest import image_bytes
+
+pytestmark = pytest.mark.slow
+FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><499><999><|box_end|>"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                health: dict[str, object] = httpx.get(f"{url}/health", timeout=2).json()
+                return health
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
+
+
+def serve(
+    args: list[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, proc, wait_ready(url, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
+    yield from serve(["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"])
+
+
+def test_client_against_real_server(
+    server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path
+) -> None:
+    url, _, health = server
+    assert health["engine"] == "transformers" and health["random_weights"] is False
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(image_bytes(400, 300))
+    with RexOmniClient(url) as client:
+        result = client.detect(photo, "detection", ["cat"], forced_output=FORCED)
+        assert [d.model_dump()["box"] for d in result.detections] == [[0.0, 0.0, 499 / 999 * 400, 300.0]]
+        with pytest.raises(RexOmniHTTPError) as err:
+            client.detect(b"not an image", "detection", ["cat"])
+        assert err.value.status == 400 and err.value.code == "invalid_image"
+        # still serving after the bad request
+        assert client.detect(photo, "pointing", "cat", forced_output=FORCED).task.value == "pointing"
+
+
+def test_cli_detect_and_annotate(
+    server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path
+) -> None:
+    url, _, _ = server
+    photo = tmp_path / "in.jpg"
+    photo.write_bytes(image_bytes(200, 100, "JPEG"))
+    out = tmp_path / "out.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexomni_client.cli",
+        "--url",
+        url,
+        "detect",
+        str(photo),
+        "--categories",
+        "cat",
+        "--annotate",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["task"] == "detection"
+    assert out.stat().st_size > 0
+
+
+def test_one_structured_log_line_per_request(
+    server: tuple[str, subprocess.Popen[bytes], dict[str, object]],
+) -> None:
+    url, proc, _ = server
+    body = {"image": "aGVsbG8=", "categories": ["cat"]}
+    assert httpx.post(f"{url}/v1/detect", json=body, headers={"X-Request-ID": "log-me"}).status_code == 400
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert proc.stderr is not None
+    lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+    mine = [entry for entry in lines if entry.get("request_id") == "log-me"]
+    assert len(mine) == 1
+    assert (
+        mine[0]["status"] == "invalid_image"
+        and mine[0]["task"] == "detection"
+        and mine[0]["transport"] == "http"
+    )
+
+
+def test_offline_fallback_serves_the_labelled_tiny_model(tiny_model_dir: Path) -> None:
+    env = {"REXOMNI_TINY_MODEL_DIR": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
+    for _, _, health in serve(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
+        assert health["random_weights"] is True
+        assert "RANDOM WEIGHTS" in str(health["model"])

@@ -1,0 +1,37 @@
+"""The debug CLIs users of other runtimes rely on: exact prompt text and stdin parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from rexomni_server.cli import main
+
+
+def test_prompt_prints_the_exact_task_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prompt", "--task", "gui_grounding", "--categories", "search bar"]) == 0
+    assert capsys.readouterr().out == 'Detect element "search bar"" in the image.\n'
+
+
+def test_prompt_visual_prompt_needs_and_uses_the_image_size(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["prompt", "--task", "visual_prompting", "--visual-prompt-boxes", "[[0, 0, 50, 50]]"]
+    assert main([*args, "--width", "100", "--height", "100"]) == 0
+    assert '{"object_1": ["<0><0><499><499>"]}' in capsys.readouterr().out
+    assert main(args) == 2
+    assert "image size" in capsys.readouterr().err
+
+
+def test_parse_reads_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = "<|object_ref_start|>cup<|object_ref_end|><|box_start|><999><0>, <0><99"
+    monkeypatch.setattr("sys.stdin", io.StringIO(raw))
+    assert main(["parse", "--task", "pointing", "--width", "200", "--height", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["detections"] == [{"label": "cup", "type": "point", "point": [200.0, 0.0], "score": None}]
+    assert out["truncated"] is True
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prompt", "--task", "keypoint", "--categories", "cat"]) == 2
+    assert "keypoint_type" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""The HTTP transport on the scripted engine: wire format, error table, ops endpoints."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from rexomni_server.app import create_app
+from rexomni_server.engines.scripted import ScriptedEngine
+from rexomni_server.runtime import Runtime
+from rexomni_server.settings import Settings
+from rexomni_server.tasks import TASKS
+from tests.conftest import image_bytes
+
+OUTPUT = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
+PNG = image_bytes(999, 999)
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    engine = ScriptedEngine(default_output=OUTPUT)
+    await engine.start()
+    settings = Settings(allow_forced_output=True, max_image_bytes=200_000)
+    app = create_app(runtime=Runtime(settings, engine=engine, model_label="scripted"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+async def test_json_detect(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["detections"] == [
+        {"label": "cat", "type": "box", "box": [0.0, 0.0, 999.0, 999.0], "score": None}
+    ]
+    assert body["image"] == {"width": 999, "height": 999, "resized_width": 1008, "resized_height": 1008}
+    assert body["request_id"] == r.headers["x-request-id"]
+
+
+async def test_multipart_detect_with_options_and_request_id(client: httpx.AsyncClient) -> None:
+    forced = "<|object_ref_start|>a<|object_ref_end|><|box_start|><500><500><|box_end|>"
+    r = await client.post(
+        "/detect",
+        files={"image": ("x.png", PNG, "image/png")},
+        data={"task": "pointing", "categories": "a, b", "options": f'{{"forced_output": "{forced}"}}'},
+        headers={"X-Request-ID": "abc-123"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
+    assert r.json()["detections"][0]["point"] == [500 / 999 * 999, 500 / 999 * 999]
+
+
+async def test_multipart_visual_prompt(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/detect",
+        files={"image": ("x.png", PNG, "image/png")},
+        data={"task": "visual_prompting", "visual_prompt_boxes": "[[10, 10, 100, 100]]"},
+    )
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "code"),
+    [
+        ("/v1/detect", {"json": {"image": "%%%", "categories": ["a"]}}, 400, "invalid_image"),
+        (
+            "/v1/detect",
+            {"json": {"image": base64.b64encode(b"nope").decode(), "categories": ["a"]}},
+            400,
+            "invalid_image",
+        ),
+        ("/v1/detect", {"json": {"image": B64}}, 422, "invalid_request"),
+        ("/v1/detect", {"json": {"image": B64, "categories": ["a"], "task": "x"}}, 422, "invalid_request"),
+        (
+            "/v1/detect",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/detect",
+            {"json": {"image": B64, "categories": ["a"], "options": {"max_new_tokens": 99999}}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/detect",
+            {"json": {"image": base64.b64encode(image_bytes(600, 600, "ICO")).decode(), "categories": ["a"]}},
+            415,
+            "unsupported_image_format",
+        ),
+        (
+            "/v1/detect",
+            {"json": {"image": base64.b64encode(b"x" * 300_000).decode(), "categories": ["a"]}},
+            413,
+            "image_too_large",
+        ),
+        (
+            "/detect",
+            {"files": {"image": ("x", b"x" * 300_000)}, "data": {"categories": "a"}},
+            413,
+            "image_too_large",
+        ),
+        ("/detect", {"data": {"categories": "a"}}, 422, "invalid_request"),
+        (
+            "/detect",
+            {"files": {"image": ("x", PNG)}, "data": {"categories": "a", "visual_prompt_boxes": "[["}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "/detect",
+            {"files": {"image": ("x", PNG)}, "data": {"categories": "a", "options": '{"zzz": 1}'}},
+            422,
+            "invalid_request",
+        ),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
+    client: httpx.AsyncClient, path: str, kwargs: dict[str, object], status: int, code: str
+) -> None:
+    r = await client.post(path, **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    ok = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
+    assert ok.status_code == 200
+
+
+async def test_health_ready_and_tasks(client: httpx.AsyncClient) -> None:
+    health = (await client.get("/health")).json()
+    assert health["ready"] is True and health["engine"] == "scripted"
+    assert (await client.get("/ready")).status_code == 200
+    tasks = (await client.get("/v1/tasks")).json()
+    assert {t["name"] for t in tasks["tasks"]} == {t.value for t in TASKS}
+    assert len(tasks["keypoint_sets"]["person"]) == 17
+    assert (await client.get("/openapi.json")).json()["paths"]["/v1/detect"]
+
+
+async def test_not_ready_is_503_with_retry_after() -> None:
+    engine = ScriptedEngine()  # never started
+    app = create_app(runtime=Runtime(Settings(), engine=engine, model_label="x"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/ready")).status_code == 503
+        r = await c.post("/v1/detect", json={"image": B64, "categories": ["a"]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "engine_not_ready"
