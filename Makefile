@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch (on a GPU machine, install your CUDA torch into the venv first).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test lint typecheck unit
+.PHONY: install serve test lint typecheck unit proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python proto/generate.py --check
 
 typecheck: install
 	$(BIN)/mypy
@@ -34,3 +35,6 @@ unit: install
 
 test: lint typecheck
 	$(BIN)/pytest -q
+
+proto: install
+	$(BIN)/python proto/generate.py

@@ -41,12 +41,18 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, runtime: Runtime | None = None, *, manage_runtime: bool = True
+) -> FastAPI:
+    """``manage_runtime=False`` when another owner (``serve``, tests) starts and stops the engine."""
     settings = settings or (runtime.settings if runtime else Settings())
     runtime = runtime or Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not manage_runtime:
+            yield
+            return
         runtime.start_background()
         try:
             yield

@@ -17,6 +17,7 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "engine",
         "host",
         "port",
+        "grpc_port",
         "device",
         "dtype",
         "max_concurrency",
@@ -26,20 +27,22 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("fallback_to_tiny", "allow_forced_output"):
         if getattr(args, flag):
             overrides[flag] = True
+    for flag in ("http", "grpc"):
+        if getattr(args, f"no_{flag}", False):
+            overrides[f"{flag}_enabled"] = False
     return overrides
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import asyncio
 
-    from rexomni_server.app import create_app
     from rexomni_server.logs import configure_logging
+    from rexomni_server.serve import serve
     from rexomni_server.settings import Settings
 
     settings = Settings(**_settings_overrides(args))
     configure_logging(settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    asyncio.run(serve(settings))
     return 0
 
 
@@ -101,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="checkpoint path or hub id; 'tiny' = random tiny model")
     serve.add_argument("--engine", choices=["auto", "vllm", "transformers", "scripted"])
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, dest="grpc_port", help="gRPC port (default 50051)")
+    serve.add_argument("--no-http", action="store_true", dest="no_http", help="serve gRPC only")
+    serve.add_argument("--no-grpc", action="store_true", dest="no_grpc", help="serve HTTP only")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     serve.add_argument("--max-concurrency", type=int, dest="max_concurrency")

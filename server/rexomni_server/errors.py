@@ -12,6 +12,9 @@ class RexOmniError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        # Set once the service has logged and counted the failed request, so a transport
+        # only accounts for errors raised before the request reached the service.
+        self.accounted = False
 
 
 class InvalidRequest(RexOmniError):

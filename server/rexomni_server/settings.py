@@ -65,7 +65,10 @@ class Settings(BaseSettings):
 
     # -- serving --
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    http_enabled: bool = True
+    grpc_enabled: bool = True
     max_queue: int = Field(
         default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it."
     )
@@ -81,6 +84,8 @@ class Settings(BaseSettings):
             raise ValueError("min_pixels must not exceed max_pixels")
         if self.max_pixels > self.max_pixels_limit:
             raise ValueError("max_pixels must not exceed max_pixels_limit")
+        if not (self.http_enabled or self.grpc_enabled):
+            raise ValueError("enable at least one of HTTP and gRPC")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("max_new_tokens must not exceed max_new_tokens_limit")
         return self

@@ -98,6 +98,8 @@ def test_cli_detect_and_annotate(
         str(photo),
         "--categories",
         "cat",
+        "--max-new-tokens",
+        "8",  # the random model rarely ends on its own
         "--annotate",
         str(out),
     ]

@@ -9,7 +9,7 @@ import pytest
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
 from rexomni_server.schemas import DetectParams
-from rexomni_server.service import DetectionEvent, DetectionService, DoneEvent, ServiceEvent
+from rexomni_server.service import AcceptedEvent, DetectionEvent, DetectionService, DoneEvent, ServiceEvent
 from rexomni_server.settings import Settings
 from tests.conftest import image_bytes
 
@@ -34,7 +34,7 @@ def params(**fields: object) -> DetectParams:
 async def test_stream_yields_each_detection_then_done_with_the_same_detections() -> None:
     service, _ = await make_service()
     events: list[ServiceEvent] = [e async for e in service.stream(params(), IMAGE)]
-    assert [type(e) for e in events] == [DetectionEvent] * 3 + [DoneEvent]
+    assert [type(e) for e in events] == [AcceptedEvent] + [DetectionEvent] * 3 + [DoneEvent]
     done = events[-1]
     assert isinstance(done, DoneEvent)
     streamed = [e.detection for e in events if isinstance(e, DetectionEvent)]
@@ -117,7 +117,7 @@ async def test_timeout_aborts() -> None:
 async def test_consumer_that_stops_early_frees_its_slot() -> None:
     service, _ = await make_service(delay=0.001)
     stream = service.stream(params(), IMAGE)
-    first = await anext(stream)
-    assert isinstance(first, DetectionEvent)
+    assert isinstance(await anext(stream), AcceptedEvent)
+    assert isinstance(await anext(stream), DetectionEvent)
     await stream.aclose()  # type: ignore[attr-defined]
     assert service.in_flight == 0

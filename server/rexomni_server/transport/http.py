@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from rexomni_server.errors import (
     EngineFailure,
@@ -25,7 +28,6 @@ from rexomni_server.errors import (
 from rexomni_server.images import decode_base64_image
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import (
-    DetectOptions,
     DetectParams,
     DetectRequest,
     DetectResult,
@@ -33,10 +35,12 @@ from rexomni_server.schemas import (
     TaskInfo,
     TasksResponse,
 )
-from rexomni_server.service import new_request_id
+from rexomni_server.service import DetectionEvent, DoneEvent, ServiceEvent, new_request_id
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
 
 REQUEST_ID_HEADER = "X-Request-ID"
+DETECT_PATHS = frozenset({"/detect", "/v1/detect", "/detect/stream", "/v1/detect/stream"})
+SSE_PING_S = 15
 
 # The HTTP error table: most specific class first (looked up along the exception's MRO).
 HTTP_STATUS: dict[type[RexOmniError], int] = {
@@ -78,6 +82,8 @@ def request_id_of(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RexOmniError)
+        if not exc.accounted:
+            _account(request, exc.code)
         return error_response(
             http_status(exc), exc.code, exc.message, request_id_of(request), exc.retry_after_s
         )
@@ -88,11 +94,18 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'request'}: {e.get('msg')}"
             for e in errors
         )
+        _account(request, InvalidRequest.code)
         return error_response(422, "invalid_request", message or str(exc), request_id_of(request))
 
     app.add_exception_handler(RexOmniError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
+
+
+def _account(request: Request, status: str) -> None:
+    """Log and count a request refused before it reached the service (one log line each)."""
+    if request.url.path in DETECT_PATHS:
+        _runtime(request).service.record_rejected(request_id_of(request), "unknown", "http", status)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -112,6 +125,80 @@ def _json_field(name: str, raw: str | None) -> Any:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in sorted(set(HTTP_STATUS.values()))
 }
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "event: detection | done | error"},
+    **ERROR_RESPONSES,
+}
+
+
+class MultipartForm:
+    """The multipart fields of /detect and /detect/stream, parsed into the shared schema."""
+
+    def __init__(
+        self,
+        image: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, BMP, GIF, TIFF).")],
+        task: Annotated[str, Form()] = "detection",
+        categories: Annotated[str, Form(description="Comma-separated phrases.")] = "",
+        keypoint_type: Annotated[str | None, Form()] = None,
+        visual_prompt_boxes: Annotated[str | None, Form(description="JSON [[x0, y0, x1, y1], ...]")] = None,
+        options: Annotated[str | None, Form(description="JSON object, as in /v1/detect.")] = None,
+    ) -> None:
+        self.image = image
+        self.fields: dict[str, Any] = {"task": task, "categories": categories}
+        if keypoint_type:
+            self.fields["keypoint_type"] = keypoint_type
+        self._raw_json = {"visual_prompt_boxes": visual_prompt_boxes, "options": options}
+
+    async def parse(self, max_bytes: int) -> tuple[DetectParams, bytes]:
+        data = await self.image.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageTooLarge(f"image is larger than the limit of {max_bytes} bytes")
+        fields = dict(self.fields)
+        for name, raw in self._raw_json.items():
+            value = _json_field(name, raw)
+            if value is not None:
+                fields[name] = value
+        return DetectParams.model_validate(fields), data
+
+
+def _sse_frame(event: ServiceEvent) -> ServerSentEvent | None:
+    if isinstance(event, DetectionEvent):
+        payload = {
+            "index": event.index,
+            "elapsed_ms": round(event.elapsed_ms, 3),
+            "detection": event.detection.model_dump(),
+        }
+        return ServerSentEvent(data=json.dumps(payload), event="detection")
+    if isinstance(event, DoneEvent):
+        return ServerSentEvent(data=event.result.model_dump_json(), event="done")
+    return None
+
+
+async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSourceResponse:
+    rid = request_id_of(request)
+    events = _runtime(request).service.stream(params, image, request_id=rid, transport="http")
+    # Run up to AcceptedEvent before answering: invalid input still gets a plain 4xx status.
+    try:
+        await anext(events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def frames() -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in events:
+                frame = _sse_frame(event)
+                if frame is not None:
+                    yield frame
+        except RexOmniError as exc:
+            body = {"error": {"code": exc.code, "message": exc.message, "request_id": rid}}
+            yield ServerSentEvent(data=json.dumps(body), event="error")
+        finally:
+            # A client that disconnects cancels this generator: closing the service stream
+            # aborts the engine request.
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid})
 
 
 def build_router() -> APIRouter:
@@ -126,32 +213,36 @@ def build_router() -> APIRouter:
         )
 
     @router.post("/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
-    async def detect_multipart(
-        request: Request,
-        image: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, BMP, GIF, TIFF).")],
-        task: Annotated[str, Form()] = "detection",
-        categories: Annotated[str, Form(description="Comma-separated phrases.")] = "",
-        keypoint_type: Annotated[str | None, Form()] = None,
-        visual_prompt_boxes: Annotated[str | None, Form(description="JSON [[x0, y0, x1, y1], ...]")] = None,
-        options: Annotated[str | None, Form(description="JSON object, as in /v1/detect.")] = None,
-    ) -> DetectResult:
+    async def detect_multipart(request: Request, form: Annotated[MultipartForm, Depends()]) -> DetectResult:
         """Detect with a multipart upload (``curl -F image=@photo.jpg -F categories=person,car``)."""
+        params, data = await form.parse(_runtime(request).settings.max_image_bytes)
+        return await _runtime(request).service.detect(
+            params, data, request_id=request_id_of(request), transport="http"
+        )
+
+    @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
+    async def detect_stream_json(body: DetectRequest, request: Request) -> EventSourceResponse:
+        """Server-sent events: ``detection`` per detection as it is decoded, then ``done``
+        (the same body as /v1/detect), or ``error``. Bad input fails with a plain 4xx first."""
+        return await _sse(request, body, decode_base64_image(body.image))
+
+    @router.post("/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
+    async def detect_stream_multipart(
+        request: Request, form: Annotated[MultipartForm, Depends()]
+    ) -> EventSourceResponse:
+        """Server-sent events for a multipart upload (same fields as /detect)."""
+        params, data = await form.parse(_runtime(request).settings.max_image_bytes)
+        return await _sse(request, params, data)
+
+    @router.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition: the server's metrics, plus the engine's own where it has them."""
         runtime = _runtime(request)
-        limit = runtime.settings.max_image_bytes
-        data = await image.read(limit + 1)
-        if len(data) > limit:
-            raise ImageTooLarge(f"image is larger than the limit of {limit} bytes")
-        fields: dict[str, Any] = {"task": task, "categories": categories}
-        if keypoint_type:
-            fields["keypoint_type"] = keypoint_type
-        boxes = _json_field("visual_prompt_boxes", visual_prompt_boxes)
-        if boxes is not None:
-            fields["visual_prompt_boxes"] = boxes
-        opts = _json_field("options", options)
-        if opts is not None:
-            fields["options"] = DetectOptions.model_validate(opts)
-        params = DetectParams.model_validate(fields)
-        return await runtime.service.detect(params, data, request_id=request_id_of(request), transport="http")
+        body = runtime.service.metrics.exposition()
+        engine_metrics = getattr(runtime.engine, "metrics_exposition", None)
+        if callable(engine_metrics):
+            body += engine_metrics()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/health", tags=["ops"])
     async def health(request: Request) -> dict[str, Any]:

@@ -1,0 +1,180 @@
+"""gRPC transport (grpc.aio): Detect, DetectStream, health tied to readiness, reflection, and the
+one error table for gRPC. Translation and error mapping only; the service does the work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.errors import (
+    EngineFailure,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    RexOmniError,
+    Unauthenticated,
+)
+from rexomni_server.runtime import Runtime
+from rexomni_server.service import DetectionEvent, DoneEvent, new_request_id
+from rexomni_server.transport.convert import detection_to_pb, params_from_pb, result_to_pb
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+SERVICE_NAME = "rexomni.v1.Detector"
+# Headroom over the largest accepted image for the rest of the request message.
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+MAX_SEND_BYTES = 64 << 20
+
+# The gRPC error table: most specific class first (looked up along the exception's MRO).
+GRPC_STATUS: dict[type[RexOmniError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,  # includes every image error
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineNotReady: grpc.StatusCode.UNAVAILABLE,
+    RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    EngineFailure: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_status(exc: RexOmniError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+T = TypeVar("T")
+
+
+class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def _begin(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[Any, bytes, str, float | None]:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get(REQUEST_ID_KEY, "")).strip()[:128] or new_request_id()
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        try:
+            params, image = params_from_pb(request)
+        except (ValidationError, ValueError) as exc:
+            self._runtime.service.record_rejected(request_id, "unknown", "grpc", InvalidRequest.code)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc))
+        return params, image, request_id, context.time_remaining()
+
+    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except RexOmniError as exc:
+            if exc.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_s)))),))
+            await context.abort(grpc_status(exc), exc.message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def Detect(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        params, image, request_id, remaining = await self._begin(request, context)
+
+        async def work() -> Any:
+            result = await self._runtime.service.detect(
+                params, image, request_id=request_id, transport="grpc", timeout_s=remaining
+            )
+            return result_to_pb(result)
+
+        return await self._guard(context, work)
+
+    async def DetectStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        params, image, request_id, remaining = await self._begin(request, context)
+        events = self._runtime.service.stream(
+            params, image, request_id=request_id, transport="grpc", timeout_s=remaining
+        )
+        try:
+            async for event in events:
+                if isinstance(event, DetectionEvent):
+                    yield pb.DetectEvent(
+                        detection=pb.DetectionEvent(
+                            index=event.index,
+                            detection=detection_to_pb(event.detection),
+                            elapsed_ms=event.elapsed_ms,
+                        )
+                    )
+                elif isinstance(event, DoneEvent):
+                    yield pb.DetectEvent(done=result_to_pb(event.result))
+        except RexOmniError as exc:
+            await context.abort(grpc_status(exc), exc.message)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+def _validation_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()
+        )
+    return str(exc)
+
+
+class GrpcServer:
+    """grpc.aio server with health (tracking engine readiness) and reflection."""
+
+    def __init__(self, runtime: Runtime, host: str, port: int) -> None:
+        self._runtime = runtime
+        max_receive = runtime.settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_receive),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ]
+        )
+        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(runtime), self.server)  # type: ignore[no-untyped-call]
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["Detector"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._set_serving(False)
+        await self.server.start()
+        self._watcher = asyncio.create_task(self._watch_readiness())
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_readiness(self, interval_s: float = 0.2) -> None:
+        serving: bool | None = None
+        while True:
+            ready = self._runtime.ready
+            if ready != serving:
+                await self._set_serving(ready)
+                serving = ready
+            await asyncio.sleep(interval_s)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._set_serving(False)
+        await self.server.stop(grace_s)

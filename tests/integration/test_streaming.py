@@ -1,0 +1,314 @@
+"""SSE and gRPC on real loopback servers with the tiny model: incremental delivery, equal
+results across transports, cancellation, health, metrics, error codes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import DetectParams
+from rexomni_server.transport.convert import detection_from_pb, params_to_pb, result_from_pb
+from tests.conftest import image_bytes
+
+W, H = 640, 480
+PNG = image_bytes(W, H)
+
+
+def forced_boxes(n: int) -> str:
+    boxes = ", ".join(f"<{i}><{i + 1}><{i + 50}><{i + 60}>" for i in range(n))
+    return f"<|object_ref_start|>person<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
+
+
+FORCED_50 = forced_boxes(50)
+
+
+def body(forced: str = FORCED_50, **fields: Any) -> dict[str, Any]:
+    return {
+        "image": base64.b64encode(PNG).decode(),
+        "categories": ["person"],
+        "options": {"forced_output": forced},
+        **fields,
+    }
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any], float]]:
+    event = ""
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event:
+            yield event, json.loads(line.split(":", 1)[1]), time.perf_counter()
+            event = ""
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+async def test_sse_streams_each_detection_before_done(live_servers: tuple[str, str]) -> None:
+    url, _ = live_servers
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with client.stream("POST", "/v1/detect/stream", json=body()) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [e async for e in sse_events(response)]
+        unary = (await client.post("/v1/detect", json=body())).json()
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == ["detection"] * 50 + ["done"]
+    assert [data["index"] for _, data, _ in events[:-1]] == list(range(50))
+    done = events[-1][1]
+    assert [data["detection"] for _, data, _ in events[:-1]] == done["detections"] == unary["detections"]
+    # Incremental: the first detection arrived well before the result was complete.
+    first_at, done_at = events[0][2], events[-1][2]
+    assert done_at - first_at > 0.3 * (done["timings"]["total_ms"] / 1000)
+
+
+async def test_sse_multipart_and_errors(live_servers: tuple[str, str]) -> None:
+    url, _ = live_servers
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        files = {"image": ("a.png", PNG, "image/png")}
+        data = {"categories": "person", "options": json.dumps({"forced_output": forced_boxes(2)})}
+        async with client.stream("POST", "/detect/stream", files=files, data=data) as response:
+            kinds = [kind async for kind, _, _ in sse_events(response)]
+        assert kinds == ["detection", "detection", "done"]
+        bad = await client.post("/v1/detect/stream", json={**body(), "image": "bm90IGFuIGltYWdl"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
+        invalid = await client.post("/v1/detect/stream", json={**body(), "categories": []})
+        assert invalid.status_code == 422
+
+
+async def test_sse_error_event_after_acceptance(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+    url, _ = live_servers
+    service = tiny_runtime.service
+    original = service.settings
+    service.settings = original.model_copy(update={"request_timeout_s": 0.2})
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with client.stream("POST", "/v1/detect/stream", json=body(forced_boxes(400))) as response:
+                events = [(kind, data) async for kind, data, _ in sse_events(response)]
+    finally:
+        service.settings = original
+    assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "timeout"
+
+
+async def wait_idle(runtime: Runtime, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (runtime.service.in_flight or runtime.engine._cancel) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.02)
+
+
+async def test_sse_disconnect_aborts_the_engine_request(
+    live_servers: tuple[str, str], tiny_runtime: Runtime
+) -> None:
+    url, _ = live_servers
+    metrics = tiny_runtime.service.metrics
+    long_forced = forced_boxes(400)  # ~2800 tokens: seconds of work if not aborted
+    before = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+    tokens_before = metric_value(metrics.exposition().decode(), "rexomni_generated_tokens_total")
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with client.stream("POST", "/v1/detect/stream", json=body(long_forced)) as response:
+            async for kind, _, _ in sse_events(response):
+                assert kind == "detection"
+                break  # disconnect after the first detection
+    await wait_idle(tiny_runtime)
+    text = metrics.exposition().decode()
+    assert tiny_runtime.service.in_flight == 0
+    assert metric_value(text, "rexomni_in_flight_requests") == 0
+    assert metric_value(text, "rexomni_requests_total", {"status": "cancelled"}) == before + 1
+    # The generation stopped early instead of running to the end of the forced output.
+    assert metric_value(text, "rexomni_generated_tokens_total") - tokens_before < 2000
+
+
+def grpc_request(forced: str = FORCED_50, **fields: Any) -> Any:
+    params = DetectParams.model_validate(
+        {"categories": ["person"], "options": {"forced_output": forced}, **fields}
+    )
+    return params_to_pb(params, PNG)
+
+
+async def test_grpc_unary_and_stream_match_http(live_servers: tuple[str, str]) -> None:
+    url, target = live_servers
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        http_result = (await client.post("/v1/detect", json=body())).json()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        call = stub.Detect(grpc_request(), metadata=(("x-request-id", "grpc-1"),))
+        unary = await call
+        assert dict(await call.initial_metadata())["x-request-id"] == "grpc-1"
+        events = [event async for event in stub.DetectStream(grpc_request())]
+    unary_result = result_from_pb(unary)
+    assert unary_result.request_id == "grpc-1"
+    http_detections = http_result["detections"]
+    assert [d.model_dump() for d in unary_result.detections] == http_detections
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["detection"] * 50 + ["done"]
+    streamed = [detection_from_pb(e.detection.detection).model_dump() for e in events[:-1]]
+    assert streamed == http_detections
+    assert [d.model_dump() for d in result_from_pb(events[-1].done).detections] == http_detections
+
+
+async def test_grpc_cancel_mid_stream_aborts(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+    _, target = live_servers
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.DetectorStub(channel).DetectStream(grpc_request(forced_boxes(400)))
+        async for event in call:
+            assert event.WhichOneof("event") == "detection"
+            call.cancel()
+            break
+    await wait_idle(tiny_runtime)
+    assert tiny_runtime.service.in_flight == 0
+
+
+async def test_grpc_deadline_is_propagated(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+    _, target = live_servers
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(400)), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_idle(tiny_runtime)
+    assert tiny_runtime.service.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "image", "code"),
+    [
+        ({}, b"not an image", grpc.StatusCode.INVALID_ARGUMENT),
+        ({"categories": []}, PNG, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"task": pb.TASK_KEYPOINT, "categories": ["cat"]}, PNG, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"task": 99}, PNG, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"options": pb.DetectOptions(max_new_tokens=10**6)}, PNG, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_grpc_bad_input_codes(
+    live_servers: tuple[str, str], request_fields: dict[str, Any], image: bytes, code: grpc.StatusCode
+) -> None:
+    _, target = live_servers
+    request = pb.DetectRequest(image=image, categories=["person"])
+    for key, value in request_fields.items():
+        if key == "categories":
+            del request.categories[:]
+            request.categories.extend(value)
+        elif key == "options":
+            request.options.CopyFrom(value)
+        else:
+            setattr(request, key, value)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        for call in (stub.Detect(request), stub.DetectStream(request)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                if hasattr(call, "__aiter__"):
+                    _ = [e async for e in call]
+                else:
+                    await call
+            assert err.value.code() == code and err.value.details()
+        assert len((await stub.Detect(grpc_request(forced_boxes(1)))).detections) == 1  # still serving
+
+
+async def test_grpc_overloaded_is_resource_exhausted(
+    live_servers: tuple[str, str], tiny_runtime: Runtime
+) -> None:
+    _, target = live_servers
+    service = tiny_runtime.service
+    original = service.settings
+    service.settings = original.model_copy(update={"max_queue": 0})
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(1)))
+    finally:
+        service.settings = original
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_grpc_health_flips_with_readiness(tiny_model_dir: Any) -> None:
+    from rexomni_server.settings import Settings
+    from rexomni_server.transport.grpc import GrpcServer
+
+    runtime = Runtime(Settings(model=str(tiny_model_dir), engine="transformers"))
+    server = GrpcServer(runtime, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                response = await stub.Check(health_pb2.HealthCheckRequest(service="rexomni.v1.Detector"))
+                return int(response.status)
+
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            await runtime.engine.start()
+            deadline = time.monotonic() + 5
+            while await status() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            await runtime.engine.stop()
+            deadline = time.monotonic() + 5
+            while (
+                await status() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(0)
+
+
+async def test_grpc_reflection_lists_the_service(live_servers: tuple[str, str]) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, target = live_servers
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"rexomni.v1.Detector", "grpc.health.v1.Health"} <= names
+
+
+async def test_metrics_change_by_the_expected_amounts(live_servers: tuple[str, str]) -> None:
+    url, target = live_servers
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        before = (await client.get("/metrics")).text
+        ok = await client.post("/v1/detect", json=body(forced_boxes(3)))
+        options = {"forced_output": forced_boxes(3), "max_new_tokens": 10}
+        truncated = await client.post("/v1/detect", json={**body(), "options": options})
+        bad = await client.post("/v1/detect", json={**body(), "image": "bm90IGFuIGltYWdl"})
+        async with grpc.aio.insecure_channel(target) as channel:
+            grpc_result = await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(2)))
+        after = (await client.get("/metrics")).text
+    assert ok.status_code == 200 and truncated.status_code == 200 and bad.status_code == 400
+
+    def delta(name: str, labels: dict[str, str] | None = None) -> float:
+        return metric_value(after, name, labels) - metric_value(before, name, labels)
+
+    assert delta("rexomni_requests_total", {"transport": "http", "status": "ok"}) == 2
+    assert delta("rexomni_requests_total", {"transport": "http", "status": "invalid_image"}) == 1
+    assert delta("rexomni_requests_total", {"transport": "grpc", "status": "ok"}) == 1
+    assert delta("rexomni_truncated_outputs_total", {"task": "detection"}) == 1
+    assert delta("rexomni_detections_per_request_sum", {"task": "detection"}) == 3 + 1 + 2
+    assert delta("rexomni_detections_per_request_count", {"task": "detection"}) == 3
+    ok_tokens = ok.json()["usage"]["completion_tokens"]
+    grpc_tokens = grpc_result.usage.completion_tokens
+    assert delta("rexomni_generated_tokens_total") == ok_tokens + 10 + grpc_tokens
+    assert delta("rexomni_request_duration_seconds_count", {"transport": "http"}) == 3
+    assert delta("rexomni_time_to_first_detection_seconds_count") == 3
+    assert delta("rexomni_image_pixels_count") == 3
+    assert metric_value(after, "rexomni_in_flight_requests") == 0
+    assert metric_value(after, "rexomni_queue_depth") == 0
