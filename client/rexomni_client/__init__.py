@@ -1,5 +1,6 @@
-"""Python client for the Rex-Omni server."""
+"""Python clients for the Rex-Omni server (HTTP and gRPC)."""
 
+from rexomni_client.grpc import RexOmniGrpcClient
 from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError
 
-__all__ = ["AsyncRexOmniClient", "RexOmniClient", "RexOmniHTTPError"]
+__all__ = ["AsyncRexOmniClient", "RexOmniClient", "RexOmniGrpcClient", "RexOmniHTTPError"]

@@ -1,18 +1,31 @@
-"""``rexomni``: the command-line client (``rexomni detect photo.jpg --categories person,car``)."""
+"""``rexomni``: the command-line client.
+
+rexomni detect photo.jpg --categories person,car --annotate out.jpg
+rexomni detect photo.jpg --categories person --stream          # one JSON line per detection
+rexomni --grpc 127.0.0.1:50051 detect photo.jpg --categories person --stream
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import grpc
+
+from rexomni_client.grpc import RexOmniGrpcClient
 from rexomni_client.http import RexOmniClient, RexOmniHTTPError
+from rexomni_server.schemas import DetectionModel, DetectResult
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rexomni", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser = argparse.ArgumentParser(
+        prog="rexomni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP server base URL")
+    parser.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC endpoint instead of HTTP")
     sub = parser.add_subparsers(dest="command", required=True)
     detect = sub.add_parser("detect", help="detect in one image and print the JSON result")
     detect.add_argument("image")
@@ -22,30 +35,44 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--visual-prompt-boxes", dest="visual_prompt_boxes", help="JSON boxes")
     detect.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     detect.add_argument("--raw", action="store_true", help="include the raw model output")
+    detect.add_argument("--stream", action="store_true", help="print each detection as it is decoded")
     detect.add_argument("--annotate", metavar="OUT", help="write the image with detections drawn")
     return parser
 
 
+def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
+    client: RexOmniClient | RexOmniGrpcClient
+    client = RexOmniGrpcClient(args.grpc) if args.grpc else RexOmniClient(args.url)
+    with client:
+        if args.stream:
+            yield from client.detect_stream(args.image, args.task, args.categories, **kwargs)
+        else:
+            yield client.detect(args.image, args.task, args.categories, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options: dict[str, object] = {"return_raw_output": args.raw}
+    kwargs: dict[str, Any] = {"return_raw_output": args.raw, "keypoint_type": args.keypoint_type}
     if args.max_new_tokens:
-        options["max_new_tokens"] = args.max_new_tokens
-    boxes = json.loads(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.visual_prompt_boxes:
+        kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
+    result: DetectResult | None = None
     try:
-        with RexOmniClient(args.url) as client:
-            result = client.detect(
-                args.image,
-                args.task,
-                args.categories,
-                keypoint_type=args.keypoint_type,
-                visual_prompt_boxes=boxes,
-                **options,
-            )
+        for item in _events(args, kwargs):
+            if isinstance(item, DetectResult):
+                result = item
+            else:
+                print(json.dumps({"detection": item.model_dump()}), flush=True)
     except RexOmniHTTPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(result.model_dump_json(indent=2))
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    if result is None:
+        return 1
+    print(result.model_dump_json(indent=None if args.stream else 2))
     if args.annotate:
         from rexomni_client.draw import annotate
 

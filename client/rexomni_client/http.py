@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
+from pydantic import TypeAdapter
 
-from rexomni_server.schemas import DetectOptions, DetectParams, DetectRequest, DetectResult
+from rexomni_server.schemas import DetectionModel, DetectOptions, DetectParams, DetectRequest, DetectResult
+
+DETECTION_ADAPTER: TypeAdapter[DetectionModel] = TypeAdapter(DetectionModel)
 
 ImageInput = str | Path | bytes
 
@@ -22,20 +27,20 @@ class RexOmniHTTPError(Exception):
         self.message = message
 
 
-def _image_bytes(image: ImageInput) -> bytes:
+def image_bytes_of(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
-def build_request(
-    image: ImageInput,
+def build_params(
     task: str = "detection",
     categories: Sequence[str] | str = (),
     *,
     keypoint_type: str | None = None,
     visual_prompt_boxes: Sequence[Sequence[float]] | None = None,
     **options: Any,
-) -> DetectRequest:
-    params = DetectParams.model_validate(
+) -> DetectParams:
+    """Validated locally with the server's own schema: mistakes fail before the network."""
+    return DetectParams.model_validate(
         {
             "task": task,
             "categories": categories if isinstance(categories, str) else list(categories),
@@ -44,18 +49,42 @@ def build_request(
             "options": DetectOptions(**options),
         }
     )
-    encoded = base64.b64encode(_image_bytes(image)).decode("ascii")
+
+
+def build_request(
+    image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
+) -> DetectRequest:
+    params = build_params(task, categories, **kw)
+    encoded = base64.b64encode(image_bytes_of(image)).decode("ascii")
     return DetectRequest(image=encoded, **params.model_dump())
+
+
+def _raise_for_error(status: int, payload: Any, text: str) -> None:
+    try:
+        error = payload["error"]
+        raise RexOmniHTTPError(status, error["code"], error["message"])
+    except (KeyError, TypeError):
+        raise RexOmniHTTPError(status, "http_error", text) from None
 
 
 def _result(response: httpx.Response) -> DetectResult:
     if response.status_code >= 400:
         try:
-            error = response.json()["error"]
-            raise RexOmniHTTPError(response.status_code, error["code"], error["message"])
-        except (ValueError, KeyError, TypeError):
-            raise RexOmniHTTPError(response.status_code, "http_error", response.text) from None
+            payload = response.json()
+        except ValueError:
+            payload = None
+        _raise_for_error(response.status_code, payload, response.text)
     return DetectResult.model_validate(response.json())
+
+
+def _stream_event(event: str, data: str) -> DetectionModel | DetectResult:
+    payload = json.loads(data)
+    if event == "detection":
+        return DETECTION_ADAPTER.validate_python(payload["detection"])
+    if event == "done":
+        return DetectResult.model_validate(payload)
+    error = payload.get("error", {})
+    raise RexOmniHTTPError(200, error.get("code", "stream_error"), error.get("message", data))
 
 
 class RexOmniClient:
@@ -69,6 +98,20 @@ class RexOmniClient:
     ) -> DetectResult:
         request = build_request(image, task, categories, **kw)
         return _result(self._http.post("/v1/detect", json=request.model_dump(mode="json")))
+
+    def detect_stream(
+        self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
+    ) -> Iterator[DetectionModel | DetectResult]:
+        """Server-sent events: each detection as soon as it is decoded, then the full result."""
+        request = build_request(image, task, categories, **kw)
+        with connect_sse(
+            self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")
+        ) as source:
+            if source.response.status_code >= 400:
+                source.response.read()
+                _result(source.response)
+            for sse in source.iter_sse():
+                yield _stream_event(sse.event, sse.data)
 
     def close(self) -> None:
         self._http.close()

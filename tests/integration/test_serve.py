@@ -46,14 +46,25 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 def serve(
     args: list[str], env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--port", str(port), *args]
+    port, grpc_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexomni_server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        *args,
+    ]
     proc = subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        yield url, proc, wait_ready(url, proc)
+        health = wait_ready(url, proc)
+        yield url, proc, {**health, "grpc_target": f"127.0.0.1:{grpc_port}"}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -107,6 +118,30 @@ def test_cli_detect_and_annotate(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["task"] == "detection"
     assert out.stat().st_size > 0
+
+
+def test_cli_streams_over_grpc(
+    server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path
+) -> None:
+    _, _, info = server
+    photo = tmp_path / "in.png"
+    photo.write_bytes(image_bytes(100, 100))
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexomni_client.cli",
+        "--grpc",
+        str(info["grpc_target"]),
+        "detect",
+        str(photo),
+    ]
+    cmd += ["--categories", "cat", "--stream", "--max-new-tokens", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[-1]["usage"]["completion_tokens"] == 6 and lines[-1]["truncated"] is True
+    bad = subprocess.run([*cmd[:-2], "--task", "keypoint"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "keypoint_type" in bad.stderr
 
 
 def test_one_structured_log_line_per_request(

@@ -312,3 +312,33 @@ async def test_metrics_change_by_the_expected_amounts(live_servers: tuple[str, s
     assert delta("rexomni_image_pixels_count") == 3
     assert metric_value(after, "rexomni_in_flight_requests") == 0
     assert metric_value(after, "rexomni_queue_depth") == 0
+
+
+async def test_python_clients_stream_over_http_and_grpc(live_servers: tuple[str, str]) -> None:
+    from rexomni_client import RexOmniClient, RexOmniGrpcClient, RexOmniHTTPError
+    from rexomni_server.schemas import DetectResult
+
+    url, target = live_servers
+    forced = forced_boxes(3)
+
+    def run_http() -> list[object]:
+        with RexOmniClient(url) as client:
+            return list(client.detect_stream(PNG, "detection", ["person"], forced_output=forced))
+
+    def run_grpc() -> list[object]:
+        with RexOmniGrpcClient(target) as client:
+            unary = client.detect(PNG, "detection", "person", forced_output=forced)
+            return [*client.detect_stream(PNG, "detection", ["person"], forced_output=forced), unary]
+
+    def run_http_error() -> None:
+        with RexOmniClient(url) as client:
+            list(client.detect_stream(b"nope", "detection", ["person"]))
+
+    http_items = await asyncio.to_thread(run_http)
+    grpc_items = await asyncio.to_thread(run_grpc)
+    assert len(http_items) == 4 and isinstance(http_items[-1], DetectResult)
+    assert http_items[:3] == grpc_items[:3] == http_items[-1].detections
+    assert isinstance(grpc_items[-1], DetectResult) and grpc_items[-1].detections == http_items[-1].detections
+    with pytest.raises(RexOmniHTTPError) as err:
+        await asyncio.to_thread(run_http_error)
+    assert err.value.status == 400
