@@ -1,0 +1,139 @@
+"""Time to first detection vs time to the full result, over SSE and gRPC (tiny model, CPU).
+
+    .venv/bin/python benchmarks/stream_first_detection.py [--boxes 50] [--repeats 5]
+
+Starts a real uvicorn and a real grpc.aio server on loopback over one transformers engine
+with the tiny random checkpoint, forces an N-box output, and for each transport reports the
+median client-side time to the first detection event and to the final result. The ratio
+first/full is what streaming buys: without it a client waits for the full result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import tempfile
+import time
+
+import grpc
+import httpx
+import uvicorn
+
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.app import create_app
+from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import DetectParams
+from rexomni_server.settings import Settings
+from rexomni_server.tiny import make_tiny_model
+from rexomni_server.transport.convert import params_to_pb
+from rexomni_server.transport.grpc import GrpcServer
+
+
+def forced_boxes(n: int) -> str:
+    boxes = ", ".join(f"<{i % 900}><{i % 700}><{i % 900 + 60}><{i % 700 + 80}>" for i in range(n))
+    return f"<|object_ref_start|>person<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
+
+
+def png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (40, 80, 120)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def sse_once(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    first = None
+    count = 0
+    async with client.stream("POST", "/v1/detect/stream", json=body) as response:
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "detection":
+                first = first or time.perf_counter()
+                count += 1
+            elif line.startswith("data:") and event == "done":
+                json.loads(line[5:])
+                break
+    return (first or time.perf_counter()) - start, time.perf_counter() - start, count
+
+
+async def grpc_once(stub: pb_grpc.DetectorStub, request: object) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    first = None
+    count = 0
+    async for event in stub.DetectStream(request):
+        if event.WhichOneof("event") == "detection":
+            first = first or time.perf_counter()
+            count += 1
+    return (first or time.perf_counter()) - start, time.perf_counter() - start, count
+
+
+async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_model(tmp)
+        runtime = Runtime(Settings(model=tmp, engine="transformers", allow_forced_output=True))
+        await runtime.engine.start()
+        http = uvicorn.Server(
+            uvicorn.Config(
+                create_app(runtime=runtime, manage_runtime=False), port=0, log_config=None, lifespan="off"
+            )
+        )
+        task = asyncio.create_task(http.serve())
+        while not http.started:
+            await asyncio.sleep(0.02)
+        port = http.servers[0].sockets[0].getsockname()[1]
+        grpc_server = GrpcServer(runtime, "127.0.0.1", 0)
+        await grpc_server.start()
+        image = png()
+        forced = forced_boxes(n_boxes)
+        body = {
+            "image": base64.b64encode(image).decode(),
+            "categories": ["person"],
+            "options": {"forced_output": forced},
+        }
+        request = params_to_pb(
+            DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image
+        )
+        rows = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_server.port}") as channel:
+                stub = pb_grpc.DetectorStub(channel)
+                await sse_once(client, body)  # warm-up
+                for name, once in (
+                    ("SSE", lambda: sse_once(client, body)),
+                    ("gRPC", lambda: grpc_once(stub, request)),
+                ):
+                    samples = [await once() for _ in range(repeats)]
+                    first = statistics.median(s[0] for s in samples) * 1000
+                    full = statistics.median(s[1] for s in samples) * 1000
+                    rows.append((name, first, full, samples[0][2]))
+        await grpc_server.stop(0)
+        http.should_exit = True
+        await task
+        await runtime.stop()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    rows = asyncio.run(run(args.boxes, args.repeats))
+    print(f"forced output: {args.boxes} boxes, median of {args.repeats}, tiny model on CPU")
+    header = ("transport", "detections", "first detection ms", "full result ms", "first/full")
+    print(f"{header[0]:<10} {header[1]:>10} {header[2]:>19} {header[3]:>15} {header[4]:>10}")
+    for name, first, full, count in rows:
+        print(f"{name:<10} {count:>10} {first:>19.1f} {full:>15.1f} {first / full:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
