@@ -20,16 +20,14 @@ import time
 
 import grpc
 import httpx
-import uvicorn
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
-from rexomni_server.app import create_app
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
+from rexomni_server.serve import start_servers
 from rexomni_server.settings import Settings
 from rexomni_server.tiny import make_tiny_model
 from rexomni_server.transport.convert import params_to_pb
-from rexomni_server.transport.grpc import GrpcServer
 
 
 def forced_boxes(n: int) -> str:
@@ -81,17 +79,7 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
         make_tiny_model(tmp)
         runtime = Runtime(Settings(model=tmp, engine="transformers", allow_forced_output=True))
         await runtime.engine.start()
-        http = uvicorn.Server(
-            uvicorn.Config(
-                create_app(runtime=runtime, manage_runtime=False), port=0, log_config=None, lifespan="off"
-            )
-        )
-        task = asyncio.create_task(http.serve())
-        while not http.started:
-            await asyncio.sleep(0.02)
-        port = http.servers[0].sockets[0].getsockname()[1]
-        grpc_server = GrpcServer(runtime, "127.0.0.1", 0)
-        await grpc_server.start()
+        servers = await start_servers(runtime, "127.0.0.1", 0, 0)
         image = png()
         forced = forced_boxes(n_boxes)
         body = {
@@ -103,8 +91,8 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
             DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image
         )
         rows = []
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_server.port}") as channel:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=120) as client:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{servers.grpc_port}") as channel:
                 stub = pb_grpc.DetectorStub(channel)
                 await sse_once(client, body)  # warm-up
                 for name, once in (
@@ -115,9 +103,7 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
                     first = statistics.median(s[0] for s in samples) * 1000
                     full = statistics.median(s[1] for s in samples) * 1000
                     rows.append((name, first, full, samples[0][2]))
-        await grpc_server.stop(0)
-        http.should_exit = True
-        await task
+        await servers.stop(0)
         await runtime.stop()
     return rows
 

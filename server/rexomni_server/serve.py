@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -17,7 +19,58 @@ from rexomni_server.app import create_app
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
 
+if TYPE_CHECKING:
+    from rexomni_server.transport.grpc import GrpcServer
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServers:
+    """The listeners started by :func:`start_servers` (ports are the bound ones, 0 resolved)."""
+
+    http: uvicorn.Server | None
+    http_task: asyncio.Task[None] | None
+    grpc: GrpcServer | None
+    http_port: int | None = None
+    grpc_port: int | None = None
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.http is not None and self.http_task is not None:
+            self.http.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.http_task
+        if self.grpc is not None:
+            await self.grpc.stop(grace_s)
+
+
+async def start_servers(
+    runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None
+) -> RunningServers:
+    """Start HTTP (uvicorn) and/or gRPC on ``runtime``; ``None`` leaves a transport off."""
+    servers = RunningServers(http=None, http_task=None, grpc=None)
+    if grpc_port is not None:
+        from rexomni_server.transport.grpc import GrpcServer
+
+        servers.grpc = GrpcServer(runtime, host, grpc_port)
+        await servers.grpc.start()
+        servers.grpc_port = servers.grpc.port
+        log.info("gRPC listening", extra={"fields": {"host": host, "port": servers.grpc_port}})
+    if http_port is not None:
+        app = create_app(runtime=runtime, manage_runtime=False)
+        config = uvicorn.Config(
+            app, host=host, port=http_port, log_config=None, access_log=False, lifespan="off"
+        )
+        servers.http = uvicorn.Server(config)
+        servers.http_task = asyncio.create_task(servers.http.serve())
+        while not servers.http.started:
+            if servers.http_task.done():  # e.g. the port is taken: uvicorn exits
+                await servers.stop()
+                raise OSError(f"HTTP server could not start on {host}:{http_port}")
+            await asyncio.sleep(0.01)
+        servers.http_port = servers.http.servers[0].sockets[0].getsockname()[1]
+        log.info("HTTP listening", extra={"fields": {"host": host, "port": servers.http_port}})
+    return servers
 
 
 async def serve(settings: Settings) -> None:
@@ -29,33 +82,18 @@ async def serve(settings: Settings) -> None:
         # signal.signal (not loop.add_signal_handler) so uvicorn, which re-raises the signals
         # it captured after its own shutdown, lands here instead of killing the process.
         signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-
-    http: uvicorn.Server | None = None
-    http_task: asyncio.Task[None] | None = None
-    grpc_server = None
+    servers = await start_servers(
+        runtime,
+        settings.host,
+        settings.port if settings.http_enabled else None,
+        settings.grpc_port if settings.grpc_enabled else None,
+    )
     try:
-        if settings.grpc_enabled:
-            from rexomni_server.transport.grpc import GrpcServer
-
-            grpc_server = GrpcServer(runtime, settings.host, settings.grpc_port)
-            await grpc_server.start()
-            log.info("gRPC listening", extra={"fields": {"host": settings.host, "port": grpc_server.port}})
-        if settings.http_enabled:
-            app = create_app(runtime=runtime, manage_runtime=False)
-            config = uvicorn.Config(
-                app, host=settings.host, port=settings.port, log_config=None, access_log=False
-            )
-            http = uvicorn.Server(config)
-            http_task = asyncio.create_task(http.serve())
-            log.info("HTTP listening", extra={"fields": {"host": settings.host, "port": settings.port}})
-        waiters = [asyncio.create_task(stop.wait())] + ([http_task] if http_task else [])
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+        if servers.http_task is not None:
+            waiters.append(servers.http_task)  # type: ignore[arg-type]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         log.info("shutting down")
-        if http is not None and http_task is not None:
-            http.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await http_task
-        if grpc_server is not None:
-            await grpc_server.stop()
+        await servers.stop()
         await runtime.stop()

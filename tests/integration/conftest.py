@@ -33,21 +33,8 @@ async def tiny_client(tiny_runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]
 async def live_servers(tiny_runtime: Runtime) -> AsyncIterator[tuple[str, str]]:
     """A real uvicorn and a real grpc.aio server on loopback, sharing the tiny engine.
     Yields (http base url, grpc target)."""
-    import asyncio
+    from rexomni_server.serve import start_servers
 
-    import uvicorn
-
-    from rexomni_server.transport.grpc import GrpcServer
-
-    app = create_app(runtime=tiny_runtime, manage_runtime=False)
-    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off"))
-    task = asyncio.create_task(http.serve())
-    while not http.started:
-        await asyncio.sleep(0.02)
-    port = http.servers[0].sockets[0].getsockname()[1]
-    grpc_server = GrpcServer(tiny_runtime, "127.0.0.1", 0)
-    await grpc_server.start()
-    yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_server.port}"
-    await grpc_server.stop(0)
-    http.should_exit = True
-    await task
+    servers = await start_servers(tiny_runtime, "127.0.0.1", 0, 0)
+    yield f"http://127.0.0.1:{servers.http_port}", f"127.0.0.1:{servers.grpc_port}"
+    await servers.stop(0)

@@ -151,7 +151,7 @@ def test_one_structured_log_line_per_request(
     body = {"image": "aGVsbG8=", "categories": ["cat"]}
     assert httpx.post(f"{url}/v1/detect", json=body, headers={"X-Request-ID": "log-me"}).status_code == 400
     proc.terminate()
-    proc.wait(timeout=30)
+    assert proc.wait(timeout=30) == 0  # SIGTERM: both servers drain, the engine stops, exit 0
     assert proc.stderr is not None
     lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
     mine = [entry for entry in lines if entry.get("request_id") == "log-me"]

@@ -35,3 +35,18 @@ def test_parse_reads_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prompt", "--task", "keypoint", "--categories", "cat"]) == 2
     assert "keypoint_type" in capsys.readouterr().err
+
+
+def test_serve_flags_become_settings() -> None:
+    from rexomni_server.cli import _settings_overrides, build_parser
+    from rexomni_server.settings import Settings
+
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--port", "9000", "--grpc-port", "9001", "--no-grpc"]
+    )
+    settings = Settings(**_settings_overrides(args))
+    assert (settings.model, settings.port, settings.grpc_port) == ("m", 9000, 9001)
+    assert settings.http_enabled and not settings.grpc_enabled
+    both_off = build_parser().parse_args(["serve", "--no-grpc", "--no-http"])
+    with pytest.raises(ValueError, match="at least one"):
+        Settings(**_settings_overrides(both_off))
