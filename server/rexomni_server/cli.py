@@ -83,7 +83,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 def cmd_parse(args: argparse.Namespace) -> int:
     from rexomni_server.parsing import parse_output
-    from rexomni_server.service import to_schema
+    from rexomni_server.tracking import to_schema
 
     detections, state = parse_output(Task(args.task), sys.stdin.read(), args.width, args.height)
     out = {

@@ -57,6 +57,12 @@ class Metrics:
         self.truncated = Counter(
             "rexomni_truncated_outputs", "Outputs cut off by max_new_tokens.", ["task"], registry=r
         )
+        self.finish_reasons = Counter(
+            "rexomni_finish_reasons",
+            "Why generations ended: stop, length, abort, max_detections, repetition.",
+            ["task", "reason"],
+            registry=r,
+        )
         self.parse_skipped = Counter(
             "rexomni_parse_skipped", "Unparseable output pieces skipped.", ["task"], registry=r
         )

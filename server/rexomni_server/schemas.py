@@ -64,6 +64,18 @@ class DetectOptions(_Strict):
     min_pixels: int | None = Field(default=None, ge=1, description="smart_resize lower bound.")
     max_pixels: int | None = Field(default=None, ge=1, description="smart_resize upper bound.")
     return_raw_output: bool = Field(default=False, description="Include the model's raw text.")
+    max_detections: int | None = Field(
+        default=None, ge=1, description="Stop generating once this many detections were found."
+    )
+    stop_on_repetition: bool = Field(
+        default=True,
+        description="Stop when the model repeats boxes it already gave (its known runaway failure).",
+    )
+    fan_out: bool | None = Field(
+        default=None,
+        description="One engine request per category, run concurrently and merged in category "
+        "order (detection/pointing). Default: on where the engine batches concurrent requests.",
+    )
     forced_output: str | None = Field(
         default=None,
         description="Testing/benchmarking only: the raw output the model is forced to write. "
@@ -161,7 +173,7 @@ class Timings(_Strict):
     total_ms: float
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "max_detections", "repetition"]
 
 
 class DetectResult(_Strict):
@@ -171,8 +183,12 @@ class DetectResult(_Strict):
     detections: list[DetectionModel]
     image: ImageInfo
     truncated: bool = Field(description="The output was cut off (max_new_tokens) mid-answer.")
-    finish_reason: FinishReason
+    finish_reason: FinishReason = Field(
+        description="stop (the model ended), length (max_new_tokens), abort, max_detections, "
+        "or repetition (the runaway guard stopped repeated boxes)."
+    )
     skipped: int = Field(description="Unparseable pieces of the output that were ignored.")
+    duplicates: int = Field(default=0, description="Exact repeats of earlier detections, dropped.")
     usage: Usage
     timings: Timings
     raw_output: str | None = None

@@ -15,25 +15,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
+from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout, RexOmniError
 from rexomni_server.images import ImageLimits, load_and_prepare
 from rexomni_server.metrics import Metrics
-from rexomni_server.parsing import Detection, StreamParser
 from rexomni_server.prompts import build_task_text
 from rexomni_server.schemas import (
-    BoxDetection,
     DetectionModel,
     DetectParams,
     DetectResult,
     ImageInfo,
-    KeypointsDetection,
-    PointDetection,
-    PolygonDetection,
     Timings,
     Usage,
 )
 from rexomni_server.settings import Settings
-from rexomni_server.tasks import Geometry
+from rexomni_server.tasks import Task
+from rexomni_server.tracking import OutputTracker
+
+# Tasks whose categories are independent, so one request per category gives the same answer.
+FAN_OUT_TASKS = frozenset({Task.DETECTION, Task.POINTING})
 
 log = logging.getLogger("rexomni.requests")
 
@@ -65,9 +65,11 @@ ServiceEvent = AcceptedEvent | DetectionEvent | DoneEvent
 
 @dataclass
 class _Run:
-    """One admitted request on its way through the engine."""
+    """One admitted request on its way through the engine (one engine request per category
+    when fanned out)."""
 
-    engine_request: EngineRequest
+    request_id: str
+    engine_requests: list[EngineRequest]
     params: DetectParams
     image: ImageInfo
     arrived: float
@@ -75,24 +77,6 @@ class _Run:
     timeout_s: float
     queued: list[bool]  # [True] until generation starts; shared with stream() for the gauge
     transport: str
-
-
-def to_schema(detection: Detection, score: float | None = None) -> DetectionModel:
-    """Parser dataclass -> public pydantic model."""
-    if detection.type is Geometry.BOX and detection.box is not None:
-        return BoxDetection(label=detection.label, box=list(detection.box), score=score)
-    if detection.type is Geometry.POINT and detection.point is not None:
-        return PointDetection(label=detection.label, point=list(detection.point), score=score)
-    if detection.type is Geometry.POLYGON and detection.polygon is not None:
-        return PolygonDetection(
-            label=detection.label, polygon=[list(p) for p in detection.polygon], score=score
-        )
-    if detection.type is Geometry.KEYPOINTS and detection.box is not None:
-        keypoints = {k: (list(v) if v is not None else None) for k, v in (detection.keypoints or {}).items()}
-        return KeypointsDetection(
-            label=detection.label, box=list(detection.box), keypoints=keypoints, score=score
-        )
-    raise ValueError(f"incomplete detection {detection!r}")
 
 
 def new_request_id() -> str:
@@ -145,6 +129,34 @@ class DetectionService:
                 "(start it with --allow-forced-output)"
             )
 
+    def fans_out(self, params: DetectParams) -> bool:
+        if params.task not in FAN_OUT_TASKS or len(params.categories) < 2:
+            return False
+        if params.options.fan_out is not None:
+            return params.options.fan_out
+        return bool(getattr(self.engine, "concurrent_batching", False))
+
+    def _task_texts(self, params: DetectParams, image_size: tuple[int, int]) -> list[tuple[str, str | None]]:
+        """(task text, forced output) per engine request: one, or one per category when fanned out.
+
+        A forced output that fans out is split on its phrase groups, each going to the request
+        for that category (tests and benchmarks of fan-out need per-category outputs)."""
+        forced = params.options.forced_output
+        if not self.fans_out(params):
+            text = build_task_text(
+                params.task,
+                params.categories,
+                keypoint_type=params.keypoint_type,
+                visual_prompt_boxes=params.visual_prompt_boxes,
+                image_size=image_size,
+            )
+            return [(text, forced)]
+        per_category = split_forced_by_category(forced, params.categories) if forced is not None else None
+        return [
+            (build_task_text(params.task, [category]), per_category[i] if per_category else None)
+            for i, category in enumerate(params.categories)
+        ]
+
     # -- the pipeline -----------------------------------------------------------------------
     def record_rejected(self, request_id: str, task: str, transport: str, status: str) -> None:
         """Log and count a request a transport refused before it reached the service."""
@@ -194,20 +206,17 @@ class DetectionService:
             image = await asyncio.to_thread(
                 load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels
             )
-            task_text = build_task_text(
-                params.task,
-                params.categories,
-                keypoint_type=params.keypoint_type,
-                visual_prompt_boxes=params.visual_prompt_boxes,
-                image_size=(image.width, image.height),
-            )
-            engine_request = EngineRequest(
-                request_id=request_id,
-                task_text=task_text,
-                image=image.resized,
-                sampling=sampling,
-                forced_output=params.options.forced_output,
-            )
+            texts = self._task_texts(params, (image.width, image.height))
+            engine_requests = [
+                EngineRequest(
+                    request_id=request_id if len(texts) == 1 else f"{request_id}-{i}",
+                    task_text=text,
+                    image=image.resized,
+                    sampling=sampling,
+                    forced_output=forced,
+                )
+                for i, (text, forced) in enumerate(texts)
+            ]
             info = ImageInfo(
                 width=image.width,
                 height=image.height,
@@ -217,7 +226,17 @@ class DetectionService:
             self.metrics.image_pixels.observe(info.resized_width * info.resized_height)
             yield AcceptedEvent(request_id, info)
             timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
-            run = _Run(engine_request, params, info, arrived, arrived + timeout, timeout, queued, transport)
+            run = _Run(
+                request_id,
+                engine_requests,
+                params,
+                info,
+                arrived,
+                arrived + timeout,
+                timeout,
+                queued,
+                transport,
+            )
             async for event in self._run(run, summary):
                 yield event
             status = "ok"
@@ -243,76 +262,129 @@ class DetectionService:
 
     async def _run(self, run: _Run, summary: dict[str, object]) -> AsyncIterator[ServiceEvent]:
         params, task, m = run.params, run.params.task.value, self.metrics
-        parser = StreamParser(params.task, run.image.width, run.image.height)
+        options = params.options
+        repetition_limit = self.settings.repetition_limit if options.stop_on_repetition else None
+        trackers = [
+            OutputTracker(params.task, run.image.width, run.image.height, repetition_limit)
+            for _ in run.engine_requests
+        ]
+        queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, request: EngineRequest) -> None:
+            stream = self.engine.stream(request)
+            try:
+                async for event in stream:
+                    queue.put_nowait((index, event))
+                queue.put_nowait((index, None))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]  # aborts an unfinished generation
+
+        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(run.engine_requests)]
+        active = set(range(len(pumps)))
         started_at: float | None = None
         first_detection_at: float | None = None
-        prompt_tokens = completion_tokens = 0
-        finish_reason: FinishReason = "stop"
-        raw: list[str] = []
-        detections: list[DetectionModel] = []
+        stopped: FinishReason | None = None
+        emitted = 0
 
-        def emit(parsed: list[Detection]) -> list[DetectionEvent]:
-            nonlocal first_detection_at
-            events = []
-            now = time.perf_counter()
-            for detection in parsed:
-                if first_detection_at is None:
-                    first_detection_at = now
-                    m.first_detection.labels(task, run.transport).observe(now - run.arrived)
-                model = to_schema(detection)
-                events.append(DetectionEvent(len(detections), model, (now - run.arrived) * 1000))
-                detections.append(model)
-            return events
+        def stop_pump(index: int) -> None:
+            pumps[index].cancel()
+            active.discard(index)
 
-        stream = self.engine.stream(run.engine_request)
         try:
-            while True:
+            while active:
                 remaining = run.deadline - time.perf_counter()
-                if remaining <= 0:
-                    raise RequestTimeout(f"request exceeded {run.timeout_s:g} s")
                 try:
-                    event: EngineEvent = await asyncio.wait_for(anext(stream), remaining)
-                except StopAsyncIteration:
-                    break
+                    index, item = await asyncio.wait_for(queue.get(), max(remaining, 0))
                 except TimeoutError as exc:
                     raise RequestTimeout(f"request exceeded {run.timeout_s:g} s") from exc
-                if event.started:
+                if item is None:
+                    active.discard(index)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.started and started_at is None:
                     started_at = time.perf_counter()
-                    prompt_tokens = event.prompt_tokens or 0
                     run.queued[0] = False
                     m.queue_depth.dec()
                     m.queue_wait.labels(task).observe(started_at - run.arrived)
-                completion_tokens += event.tokens
-                if event.text:
-                    raw.append(event.text)
-                    for out in emit(parser.feed(event.text)):
-                        yield out
-                if event.finish_reason is not None:
-                    finish_reason = event.finish_reason
+                tracker = trackers[index]
+                for detection in tracker.on_event(item):
+                    now = time.perf_counter()
+                    if first_detection_at is None:
+                        first_detection_at = now
+                        m.first_detection.labels(task, run.transport).observe(now - run.arrived)
+                    yield DetectionEvent(emitted, detection, (now - run.arrived) * 1000)
+                    emitted += 1
+                    if options.max_detections is not None and emitted >= options.max_detections:
+                        stopped = "max_detections"
+                        break
+                if stopped:
+                    for i in list(active):
+                        stop_pump(i)
+                elif tracker.runaway and index in active:
+                    tracker.finish_reason = "repetition"
+                    stop_pump(index)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-            m.generated_tokens.labels(task).inc(completion_tokens)
-            m.prompt_tokens.labels(task).inc(prompt_tokens)
-            summary.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        for out in emit(parser.finish()):
-            yield out
-        state = parser.state
-        truncated = state.truncated or finish_reason == "length"
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            summary.update(
+                prompt_tokens=sum(t.prompt_tokens for t in trackers),
+                completion_tokens=sum(t.completion_tokens for t in trackers),
+            )
+            m.generated_tokens.labels(task).inc(sum(t.completion_tokens for t in trackers))
+            m.prompt_tokens.labels(task).inc(sum(t.prompt_tokens for t in trackers))
+        if stopped is None:
+            for tracker in trackers:
+                for detection in tracker.finish():
+                    yield DetectionEvent(emitted, detection, (time.perf_counter() - run.arrived) * 1000)
+                    emitted += 1
+        yield DoneEvent(self._result(run, trackers, stopped, started_at, first_detection_at, summary))
+
+    def _result(
+        self,
+        run: _Run,
+        trackers: list[OutputTracker],
+        stopped: FinishReason | None,
+        started_at: float | None,
+        first_detection_at: float | None,
+        summary: dict[str, object],
+    ) -> DetectResult:
+        task, m = run.params.task.value, self.metrics
+        reasons = {t.finish_reason or "stop" for t in trackers}
+        precedence: tuple[FinishReason, ...] = ("repetition", "length", "abort")
+        finish_reason: FinishReason = next((r for r in precedence if r in reasons), "stop")
+        if stopped is not None:
+            finish_reason = stopped
+        truncated = stopped is None and any(t.truncated for t in trackers)
+        # Category order: detections of a fanned-out request are merged as if one prompt.
+        detections = [d for t in trackers for d in t.detections]
+        if run.params.options.max_detections is not None:
+            detections = detections[: run.params.options.max_detections]
+        skipped = sum(t.parser.state.skipped for t in trackers)
+        duplicates = sum(t.duplicates for t in trackers)
         m.detections.labels(task).observe(len(detections))
-        m.parse_skipped.labels(task).inc(state.skipped)
+        m.parse_skipped.labels(task).inc(skipped)
+        m.finish_reasons.labels(task, finish_reason).inc()
         if truncated:
             m.truncated.labels(task).inc()
         finished = time.perf_counter()
         result = DetectResult(
-            request_id=run.engine_request.request_id,
+            request_id=run.request_id,
             model=self.model_label,
-            task=params.task,
+            task=run.params.task,
             detections=detections,
             image=run.image,
             truncated=truncated,
             finish_reason=finish_reason,
-            skipped=state.skipped,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            skipped=skipped,
+            duplicates=duplicates,
+            usage=Usage(
+                prompt_tokens=sum(t.prompt_tokens for t in trackers),
+                completion_tokens=sum(t.completion_tokens for t in trackers),
+            ),
             timings=Timings(
                 queue_ms=round(((started_at or finished) - run.arrived) * 1000, 3),
                 first_detection_ms=(
@@ -320,16 +392,20 @@ class DetectionService:
                 ),
                 total_ms=round((finished - run.arrived) * 1000, 3),
             ),
-            raw_output="".join(raw) if params.options.return_raw_output else None,
+            raw_output=", ".join("".join(t.raw) for t in trackers)
+            if run.params.options.return_raw_output
+            else None,
         )
         summary.update(
             detections=len(detections),
+            engine_requests=len(trackers),
             finish_reason=finish_reason,
             truncated=truncated,
+            duplicates=duplicates,
             queue_ms=result.timings.queue_ms,
             first_detection_ms=result.timings.first_detection_ms,
         )
-        yield DoneEvent(result)
+        return result
 
     async def detect(
         self,

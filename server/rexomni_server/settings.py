@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     top_k: int = Field(default=1, ge=0)
     repetition_penalty: float = Field(default=1.05, gt=0.0)
     max_model_len: int = Field(default=4096, ge=256)
+    repetition_limit: int = Field(
+        default=3, ge=1, description="Duplicate detections in a row that stop a generation."
+    )
 
     # -- images --
     min_pixels: int = Field(default=16 * PIXEL_UNIT, ge=PIXEL_UNIT)

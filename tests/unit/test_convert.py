@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from rexomni_server.parsing import Detection
 from rexomni_server.schemas import DetectParams, DetectResult
-from rexomni_server.service import to_schema
 from rexomni_server.tasks import Geometry, Task
+from rexomni_server.tracking import to_schema
 from rexomni_server.transport.convert import (
     detection_from_pb,
     detection_to_pb,

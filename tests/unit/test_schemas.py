@@ -7,8 +7,8 @@ from pydantic import ValidationError
 
 from rexomni_server.parsing import Detection
 from rexomni_server.schemas import DetectParams, DetectResult
-from rexomni_server.service import to_schema
 from rexomni_server.tasks import Geometry, Task
+from rexomni_server.tracking import to_schema
 
 
 def test_categories_accept_a_comma_separated_string_and_are_cleaned() -> None:

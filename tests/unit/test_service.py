@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -121,3 +122,82 @@ async def test_consumer_that_stops_early_frees_its_slot() -> None:
     assert isinstance(await anext(stream), DetectionEvent)
     await stream.aclose()  # type: ignore[attr-defined]
     assert service.in_flight == 0
+
+
+def box_group(label: str, *boxes: tuple[int, int, int, int]) -> str:
+    body = ", ".join("".join(f"<{v}>" for v in box) for box in boxes)
+    return f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>{body}<|box_end|>"
+
+
+async def test_scores_are_the_geometric_mean_coordinate_probability() -> None:
+    engine = ScriptedEngine(default_output=OUTPUT, coordinate_logprob=-0.5)
+    await engine.start()
+    service = DetectionService(Settings(), engine, "s")
+    result = await service.detect(params(), IMAGE)
+    assert [d.score for d in result.detections] == [pytest.approx(math.exp(-0.5))] * 3
+
+
+async def test_runaway_repetition_is_stopped_and_duplicates_dropped() -> None:
+    runaway = box_group("person", (1, 2, 3, 4), (5, 6, 7, 8), *[(1, 2, 3, 4)] * 200)
+    service, _ = await make_service()
+    result = await service.detect(params(options={"forced_output": runaway}), IMAGE)
+    assert result.finish_reason == "repetition" and not result.truncated
+    assert [d.model_dump()["box"] for d in result.detections] == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]
+    assert result.duplicates == 3  # the guard's limit: stopped after three repeats in a row
+    assert result.usage.completion_tokens < 60  # not 200 boxes' worth of tokens
+    metrics = service.metrics.exposition().decode()
+    assert 'rexomni_finish_reasons_total{reason="repetition",task="detection"} 1.0' in metrics
+
+
+async def test_repetition_guard_can_be_turned_off() -> None:
+    output = box_group("person", *[(1, 2, 3, 4)] * 6)
+    service, _ = await make_service()
+    result = await service.detect(
+        params(options={"forced_output": output, "stop_on_repetition": False}), IMAGE
+    )
+    assert result.finish_reason == "stop" and result.duplicates == 5 and len(result.detections) == 1
+
+
+async def test_max_detections_stops_generation() -> None:
+    output = box_group("person", *[(i, i, i + 9, i + 9) for i in range(50)])
+    service, _ = await make_service()
+    events = [
+        e async for e in service.stream(params(options={"forced_output": output, "max_detections": 5}), IMAGE)
+    ]
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.result.finish_reason == "max_detections" and len(done.result.detections) == 5
+    assert sum(isinstance(e, DetectionEvent) for e in events) == 5
+    assert done.result.usage.completion_tokens < 60
+
+
+async def test_fan_out_splits_by_category_and_merges_in_category_order() -> None:
+    engine = ScriptedEngine(token_delay_s=0.001, concurrent_batching=True)
+    await engine.start()
+    service = DetectionService(Settings(allow_forced_output=True), engine, "s")
+    # "car" has fewer tokens, so it finishes first: the merged result is still person, car.
+    forced = (
+        box_group("person", (1, 1, 2, 2), (3, 3, 4, 4), (5, 5, 6, 6)) + ", " + box_group("car", (7, 7, 8, 8))
+    )
+    events = [e async for e in service.stream(params(options={"forced_output": forced}), IMAGE)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert [r.task_text for r in engine.requests] == [
+        "Detect person. Output the bounding box coordinates in [x0, y0, x1, y1] format.",
+        "Detect car. Output the bounding box coordinates in [x0, y0, x1, y1] format.",
+    ]
+    assert [d.label for d in done.result.detections] == ["person", "person", "person", "car"]
+    streamed = [e.detection.label for e in events if isinstance(e, DetectionEvent)]
+    assert sorted(streamed) == sorted(d.label for d in done.result.detections)
+    assert streamed.index("car") < 3  # streamed as decoded, not held back for ordering
+    assert done.result.usage.prompt_tokens == 200  # two engine requests
+    single = await service.detect(params(options={"forced_output": forced, "fan_out": False}), IMAGE)
+    assert [d.model_dump() for d in single.detections] == [d.model_dump() for d in done.result.detections]
+
+
+async def test_fan_out_default_follows_the_engine() -> None:
+    service, _ = await make_service()  # scripted engine without batching
+    assert not service.fans_out(params())
+    assert service.fans_out(params(options={"fan_out": True}))
+    assert not service.fans_out(params(task="ocr_box"))
+    assert not service.fans_out(params(categories=["one"], options={"fan_out": True}))

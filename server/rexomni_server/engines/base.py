@@ -8,7 +8,8 @@ from typing import Literal, Protocol
 
 from PIL import Image
 
-FinishReason = Literal["stop", "length", "abort"]
+# Engines report the first three; the service adds its own early stops.
+FinishReason = Literal["stop", "length", "abort", "max_detections", "repetition"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,16 @@ class EngineEvent:
     started: bool = False
     prompt_tokens: int | None = None
     finish_reason: FinishReason | None = None
+    # Log-probabilities of the coordinate tokens (<0>..<999>) among this event's tokens, in
+    # order; empty where the engine cannot compute them.
+    coordinate_logprobs: tuple[float, ...] = ()
 
 
 class Engine(Protocol):
     name: str
+    # True when concurrent requests share decode steps (continuous batching): then splitting a
+    # multi-category request into one request per category costs about one request's time.
+    concurrent_batching: bool
 
     @property
     def ready(self) -> bool: ...

@@ -7,6 +7,7 @@ forced run times the same work as a real one.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -29,3 +30,19 @@ class ForcedOutputLogitsProcessor:
         forced = scores.new_full(scores.shape, float("-inf"))
         forced[:, allowed] = 0.0
         return forced
+
+
+_GROUP = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>.*?<\|box_end\|>", re.DOTALL)
+
+
+def split_forced_by_category(forced: str, categories: list[str]) -> list[str]:
+    """Split a multi-category forced output into one forced output per category (fan-out).
+
+    Each phrase group goes to the request of the category it names, in order; a category
+    with no group gets an empty output (the model ends at once)."""
+    groups: dict[str, list[str]] = {c: [] for c in categories}
+    for match in _GROUP.finditer(forced):
+        phrase = match.group(1).strip()
+        if phrase in groups:
+            groups[phrase].append(match.group(0))
+    return [", ".join(groups[c]) for c in categories]

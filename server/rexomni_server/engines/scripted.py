@@ -25,9 +25,16 @@ class ScriptedEngine:
     name = "scripted"
 
     def __init__(
-        self, default_output: str = "", token_delay_s: float = 0.0, prompt_tokens: int = 100
+        self,
+        default_output: str = "",
+        token_delay_s: float = 0.0,
+        prompt_tokens: int = 100,
+        coordinate_logprob: float | None = None,
+        concurrent_batching: bool = False,
     ) -> None:
+        self.concurrent_batching = concurrent_batching
         self._default = default_output
+        self._coordinate_logprob = coordinate_logprob
         self._delay = token_delay_s
         self._prompt_tokens = prompt_tokens
         self._ready = False
@@ -61,5 +68,9 @@ class ScriptedEngine:
                 return
             if self._delay:
                 await asyncio.sleep(self._delay)
-            yield EngineEvent(text=piece, tokens=1)
+            is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
+            logprobs = (
+                (self._coordinate_logprob,) if is_coordinate and self._coordinate_logprob is not None else ()
+            )
+            yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
         yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")

@@ -32,6 +32,7 @@ class _Started:
 @dataclass(frozen=True)
 class _Tokens:
     ids: list[int]
+    coordinate_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,39 @@ class _Failed:
 _Item = _Started | _Tokens | _Finished | _Failed
 
 
-class _QueueStreamer:
-    """transformers streamer that forwards new token ids to the event loop."""
+class _LogprobRecorder:
+    """LogitsProcessor that keeps the step's log-probabilities (after the repetition penalty,
+    before any forcing) so the streamer can report the chosen token's."""
 
-    def __init__(self, emit: Callable[[_Item], None]) -> None:
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.last = scores.float().log_softmax(dim=-1)
+        return scores
+
+
+class _QueueStreamer:
+    """transformers streamer that forwards new token ids (and coordinate log-probabilities)
+    to the event loop."""
+
+    def __init__(
+        self, emit: Callable[[_Item], None], recorder: _LogprobRecorder, coordinate_ids: frozenset[int]
+    ) -> None:
         self._emit = emit
+        self._recorder = recorder
+        self._coordinate_ids = coordinate_ids
         self._prompt_seen = False
 
     def put(self, value: Any) -> None:
         if not self._prompt_seen:  # generate() first puts the prompt
             self._prompt_seen = True
             return
-        self._emit(_Tokens(value.reshape(-1).tolist()))
+        ids = value.reshape(-1).tolist()
+        logprobs: tuple[float, ...] = ()
+        if self._recorder.last is not None:
+            logprobs = tuple(float(self._recorder.last[0, i]) for i in ids if i in self._coordinate_ids)
+        self._emit(_Tokens(ids, logprobs))
 
     def end(self) -> None:
         pass
@@ -76,6 +98,12 @@ class _CancelCriteria:
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
 
 
+def coordinate_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of <0>..<999> in this tokenizer (absent ones skipped)."""
+    vocab = tokenizer.get_vocab()
+    return frozenset(vocab[t] for t in (f"<{i}>" for i in range(1000)) if t in vocab)
+
+
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     import torch
 
@@ -88,6 +116,8 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
 
 class TransformersEngine:
     name = "transformers"
+    # Concurrent generate() calls interleave but do not share decode steps.
+    concurrent_batching = False
 
     def __init__(
         self,
@@ -108,6 +138,7 @@ class TransformersEngine:
         self._image_processor: Any = None
         self._device = "cpu"
         self._eos_id = -1
+        self._coordinate_ids: frozenset[int] = frozenset()
 
     @property
     def ready(self) -> bool:
@@ -127,6 +158,7 @@ class TransformersEngine:
         model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
         self._model = model.to(self._device).eval()
         self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        self._coordinate_ids = coordinate_token_ids(self._tokenizer)
         log.info("transformers engine loaded %s on %s (%s)", self.model_path, self._device, torch_dtype)
 
     async def stop(self) -> None:
@@ -160,7 +192,11 @@ class TransformersEngine:
                 if isinstance(item, _Started):
                     yield EngineEvent(started=True, prompt_tokens=item.prompt_tokens)
                 elif isinstance(item, _Tokens):
-                    yield EngineEvent(text=detokenizer.add(item.ids), tokens=len(item.ids))
+                    yield EngineEvent(
+                        text=detokenizer.add(item.ids),
+                        tokens=len(item.ids),
+                        coordinate_logprobs=item.coordinate_logprobs,
+                    )
                 elif isinstance(item, _Failed):
                     raise EngineFailure(f"generation failed: {item.error}") from item.error
                 else:
@@ -200,7 +236,8 @@ class TransformersEngine:
         prompt_length = int(input_ids.shape[1])
         emit(_Started(prompt_length))
 
-        processors = LogitsProcessorList()
+        recorder = _LogprobRecorder()
+        processors = LogitsProcessorList([recorder])
         if request.forced_output is not None:
             forced = forced_token_ids(self._tokenizer, request.forced_output)
             processors.append(ForcedOutputLogitsProcessor(forced, prompt_length, self._eos_id))
@@ -222,7 +259,7 @@ class TransformersEngine:
                 pad_token_id=self._tokenizer.pad_token_id,
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
-                streamer=_QueueStreamer(emit),
+                streamer=_QueueStreamer(emit, recorder, self._coordinate_ids),
                 **kwargs,
             )
         generated = output[0, prompt_length:].tolist()
