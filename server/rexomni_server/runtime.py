@@ -77,6 +77,12 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
             dtype=settings.dtype,
             max_concurrency=settings.max_concurrency,
         )
+    if name == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise InvalidRequest("engine 'vllm' needs vLLM installed (pip install 'rexomni[vllm]')")
+        from rexomni_server.engines.vllm import VllmEngine
+
+        return VllmEngine(model_path, settings)
     if name == "scripted":
         from rexomni_server.engines.scripted import ScriptedEngine
 

@@ -42,6 +42,20 @@ class Settings(BaseSettings):
         default=4, ge=1, description="Generations the transformers engine runs at once."
     )
 
+    # -- vLLM engine --
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    quantization: str | None = Field(
+        default=None, description="e.g. 'awq' for IDEA-Research/Rex-Omni-AWQ; None = from the checkpoint."
+    )
+    max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at most.")
+    enforce_eager: bool = Field(default=False, description="No CUDA graphs / compilation (faster start).")
+    vllm_tokenizer_mode: str = Field(
+        default="auto",
+        description="The reference asks for 'slow'; current vLLM and transformers 5 have no slow "
+        "Qwen tokenizer, and the fast one tokenises our prompts identically.",
+    )
+
     # -- decoding defaults of the reference implementation --
     max_new_tokens: int = Field(default=4096, ge=1)
     max_new_tokens_limit: int = Field(default=8192, ge=1)

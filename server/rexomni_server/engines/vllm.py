@@ -1,0 +1,187 @@
+"""The vLLM engine: ``vllm.v1`` AsyncLLM with continuous batching (the production engine).
+
+Requests are submitted concurrently and never serialised: vLLM schedules them together, so
+eight requests take little more than one. Each request streams deltas
+(``RequestOutputKind.DELTA``) with the sampled token's log-probability (for scores). Images
+arrive already resized by our smart_resize; the multimodal processor is given pixel bounds
+wide enough that it leaves them as they are, whatever its own defaults are.
+
+Imported only when vLLM is installed (``engine=vllm`` or ``auto``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
+from rexomni_server.engines.forced import forced_token_ids
+from rexomni_server.engines.transformers import coordinate_token_ids
+from rexomni_server.errors import EngineFailure, EngineNotReady
+from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
+from rexomni_server.settings import PIXEL_UNIT, Settings
+
+log = logging.getLogger(__name__)
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and has a device to run on (a GPU, or its CPU build)."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # not installed, or broken: fall back to transformers
+        return False
+    return not current_platform.is_unspecified()
+
+
+class _VllmMetrics:
+    """Collector view of vLLM's own ``vllm:*`` metrics (it registers them globally)."""
+
+    def collect(self) -> Iterator[Any]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+
+def engine_args(model_path: str, settings: Settings) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    processors = []
+    if settings.allow_forced_output:
+        from rexomni_server.engines.vllm_forced import ForcedOutputProcessor
+
+        processors.append(ForcedOutputProcessor)
+    return AsyncEngineArgs(
+        model=model_path,
+        tokenizer_mode=settings.vllm_tokenizer_mode,
+        dtype=settings.dtype,
+        quantization=settings.quantization,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=True,  # fan-out requests share the image prefix
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        # Our images are already resized; bounds this wide make the processor's resize a no-op.
+        mm_processor_kwargs={"min_pixels": PIXEL_UNIT, "max_pixels": settings.max_pixels_limit},
+        logits_processors=processors,
+        disable_log_stats=False,  # keeps the vllm:* Prometheus metrics
+    )
+
+
+class VllmEngine:
+    name = "vllm"
+    concurrent_batching = True
+
+    def __init__(self, model_path: str, settings: Settings) -> None:
+        self.model_path = model_path
+        self._settings = settings
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._eos_id = -1
+        self._coordinate_ids: frozenset[int] = frozenset()
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args(self.model_path, self._settings)
+        # Building the engine blocks for tens of seconds (weights, profiling): off the loop.
+        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        self._coordinate_ids = coordinate_token_ids(self._tokenizer)
+        self._ready = True
+        log.info("vllm engine loaded %s", self.model_path)
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.shutdown)
+            self._engine = None
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    def metrics_exposition(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_VllmMetrics())  # type: ignore[arg-type]
+        return generate_latest(registry)
+
+    def _sampling_params(self, request: EngineRequest) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+
+        from vllm import SamplingParams
+
+        s = request.sampling
+        extra: dict[str, Any] | None = None
+        if request.forced_output is not None:
+            extra = {
+                "forced_token_ids": forced_token_ids(self._tokenizer, request.forced_output),
+                "forced_eos_id": self._eos_id,
+            }
+        return SamplingParams(
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            repetition_penalty=s.repetition_penalty,
+            stop_token_ids=[self._eos_id],
+            skip_special_tokens=False,  # the grammar's markers are special tokens
+            spaces_between_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA,
+            logprobs=0,  # the sampled token's log-probability
+            extra_args=extra,
+        )
+
+    def _coordinate_logprobs(self, token_ids: list[int], logprobs: Any) -> tuple[float, ...]:
+        if not logprobs:
+            return ()
+        return tuple(
+            float(step[token].logprob)
+            for token, step in zip(token_ids, logprobs, strict=False)
+            if token in self._coordinate_ids and step and token in step
+        )
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if not self._ready:
+            raise EngineNotReady("the model is still loading")
+        prompt = {
+            "prompt": build_chat_prompt(request.task_text),
+            "multi_modal_data": {"image": request.image},
+        }
+        generator = self._engine.generate(prompt, self._sampling_params(request), request.request_id)
+        started = False
+        try:
+            async for output in generator:
+                if not started:
+                    started = True
+                    yield EngineEvent(started=True, prompt_tokens=len(output.prompt_token_ids or ()))
+                completion = output.outputs[0]
+                token_ids = list(completion.token_ids)
+                yield EngineEvent(
+                    text=completion.text,
+                    tokens=len(token_ids),
+                    coordinate_logprobs=self._coordinate_logprobs(token_ids, completion.logprobs),
+                )
+                if output.finished:
+                    yield EngineEvent(finish_reason=_FINISH.get(str(completion.finish_reason), "stop"))
+        except (EngineNotReady, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise EngineFailure(f"vLLM generation failed: {exc}") from exc
+        finally:
+            # Closing vLLM's generator early aborts the request in the engine core.
+            await generator.aclose()

@@ -1,0 +1,163 @@
+"""The vLLM engine for real (CPU build) on the tiny checkpoint, behind real HTTP and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.engines.base import EngineRequest, SamplingConfig
+from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import DetectParams
+from rexomni_server.serve import RunningServers
+from rexomni_server.transport.convert import params_to_pb, result_from_pb
+from tests.conftest import image_bytes
+
+pytestmark = pytest.mark.vllm
+W, H = 640, 480
+PNG = image_bytes(W, H)
+
+
+def forced_boxes(n: int, label: str = "person", offset: int = 0) -> str:
+    boxes = ", ".join(f"<{i + offset}><{i + 1}><{i + 50}><{i + 60}>" for i in range(n))
+    return f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
+
+
+def body(forced: str, categories: list[str] | None = None, **options: Any) -> dict[str, Any]:
+    return {
+        "image": base64.b64encode(PNG).decode(),
+        "categories": categories or ["person"],
+        "options": {"forced_output": forced, **options},
+    }
+
+
+def expected_boxes(n: int, offset: int = 0) -> list[list[float]]:
+    return [
+        [(i + offset) / 999 * W, (i + 1) / 999 * H, (i + 50) / 999 * W, (i + 60) / 999 * H] for i in range(n)
+    ]
+
+
+async def test_engine_streams_forced_output_with_logprobs(vllm_runtime: Runtime) -> None:
+    sampling = SamplingConfig(64, 0.0, 0.8, 1, 1.05)
+    forced = forced_boxes(2)
+    request = EngineRequest("direct-1", "Detect person.", Image.new("RGB", (112, 84)), sampling, forced)
+    events = [e async for e in vllm_runtime.engine.stream(request)]
+    assert events[0].started and (events[0].prompt_tokens or 0) > 12
+    assert "".join(e.text for e in events) == forced
+    assert events[-1].finish_reason == "stop"
+    logprobs = [lp for e in events for lp in e.coordinate_logprobs]
+    assert len(logprobs) == 8 and all(lp <= 0 for lp in logprobs)
+
+
+async def test_http_and_grpc_return_exact_detections_with_scores(vllm_servers: RunningServers) -> None:
+    forced = forced_boxes(5)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120
+    ) as client:
+        result = (await client.post("/v1/detect", json=body(forced))).json()
+    assert [d["box"] for d in result["detections"]] == expected_boxes(5)
+    assert all(0 < d["score"] <= 1 for d in result["detections"])
+    assert result["finish_reason"] == "stop" and not result["truncated"]
+    params = DetectParams.model_validate({"categories": ["person"], "options": {"forced_output": forced}})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{vllm_servers.grpc_port}") as channel:
+        response = await pb_grpc.DetectorStub(channel).Detect(params_to_pb(params, PNG))
+    assert [d.model_dump() for d in result_from_pb(response).detections] == result["detections"]
+
+
+async def test_concurrent_requests_run_in_one_batch(
+    vllm_servers: RunningServers, vllm_runtime: Runtime
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    engine = vllm_runtime.engine
+
+    def running() -> float:
+        text = engine.metrics_exposition().decode()  # type: ignore[attr-defined]
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "vllm:num_requests_running"
+        )
+
+    peak = 0.0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, running())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    url = f"http://127.0.0.1:{vllm_servers.http_port}"
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        results = await asyncio.gather(
+            *[client.post("/v1/detect", json=body(forced_boxes(40))) for _ in range(8)]
+        )
+    done.set()
+    await watcher
+    assert all(len(r.json()["detections"]) == 40 for r in results)
+    assert peak >= 4  # the engine had several of our requests in flight at the same step
+
+
+async def test_disconnect_aborts_in_vllm(vllm_servers: RunningServers, vllm_runtime: Runtime) -> None:
+    url = f"http://127.0.0.1:{vllm_servers.http_port}"
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with client.stream("POST", "/v1/detect/stream", json=body(forced_boxes(500))) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("event: detection"):
+                    break
+    deadline = time.monotonic() + 20
+    text = ""
+    while time.monotonic() < deadline:
+        text = vllm_runtime.engine.metrics_exposition().decode()  # type: ignore[attr-defined]
+        if vllm_runtime.service.in_flight == 0 and "vllm:num_requests_running" in text:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            running = sum(
+                s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "vllm:num_requests_running"
+            )
+            if running == 0:
+                break
+        await asyncio.sleep(0.1)
+    assert vllm_runtime.service.in_flight == 0
+    metrics = vllm_runtime.service.metrics.exposition().decode()
+    assert 'status="cancelled"' in metrics
+
+
+async def test_fan_out_merges_categories_in_order(vllm_servers: RunningServers) -> None:
+    forced = forced_boxes(6, "person") + ", " + forced_boxes(2, "car", offset=100)
+    url = f"http://127.0.0.1:{vllm_servers.http_port}"
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        fanned = (await client.post("/v1/detect", json=body(forced, ["person", "car"]))).json()
+        single = (await client.post("/v1/detect", json=body(forced, ["person", "car"], fan_out=False))).json()
+    labels = [d["label"] for d in fanned["detections"]]
+    assert labels == ["person"] * 6 + ["car"] * 2
+    assert [d["box"] for d in fanned["detections"]] == expected_boxes(6) + expected_boxes(2, offset=100)
+    assert [d["box"] for d in single["detections"]] == [d["box"] for d in fanned["detections"]]
+    # Two engine requests, each with the whole image prompt.
+    assert fanned["usage"]["prompt_tokens"] > 1.8 * single["usage"]["prompt_tokens"]
+
+
+async def test_metrics_endpoint_includes_vllm_metrics(vllm_servers: RunningServers) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{vllm_servers.http_port}") as client:
+        text = (await client.get("/metrics")).text
+    assert "rexomni_requests_total" in text and "vllm:num_requests_running" in text
+    assert (
+        json.loads((await httpx.AsyncClient().get(f"http://127.0.0.1:{vllm_servers.http_port}/health")).text)[
+            "engine"
+        ]
+        == "vllm"
+    )
