@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-
 # The vLLM tests need vLLM; `make test` runs them in their own environment (.venv-vllm).
 collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm/*"]
 

@@ -15,7 +15,6 @@ from rexomni_server.runtime import Runtime
 from rexomni_server.serve import RunningServers, start_servers
 from rexomni_server.settings import Settings
 
-
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU build
 
 
