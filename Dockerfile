@@ -1,21 +1,27 @@
-# Rex-Omni server for NVIDIA GPUs (A100/H100). Build: docker build -t rexomni .
-# Run:   docker run --gpus all -p 8000:8000 -v ~/.cache/huggingface:/root/.cache/huggingface rexomni
-# The base image brings a CUDA build of torch; the project's [transformers] range accepts it.
-FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+# Rex-Omni server for NVIDIA GPUs (A100/H100) on the vLLM engine.
+#   docker build -t rexomni .
+#   docker run --gpus all -p 8000:8000 -p 50051:50051 -v ~/.cache/huggingface:/root/.cache/huggingface rexomni
+# The base image brings vLLM with its matching CUDA torch; our package adds the server on top
+# without replacing either (its torch/transformers ranges accept the image's versions).
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
+FROM ${VLLM_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     REXOMNI_HOST=0.0.0.0 \
-    REXOMNI_PORT=8000
+    REXOMNI_PORT=8000 \
+    REXOMNI_GRPC_PORT=50051 \
+    REXOMNI_ENGINE=vllm
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY client ./client
-RUN pip install ".[transformers]"
+RUN python3 -m pip install ".[transformers]" && rexomni-server --help >/dev/null
 
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
-  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
+EXPOSE 8000 50051
+# The model loads for a minute or more on first start (download + CUDA graphs).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
+  CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
 ENTRYPOINT ["rexomni-server", "serve"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout, RexOmniError
-from rexomni_server.images import ImageLimits, load_and_prepare
+from rexomni_server.images import FACTOR, ImageLimits, load_and_prepare
 from rexomni_server.metrics import Metrics
 from rexomni_server.prompts import build_task_text
 from rexomni_server.schemas import (
@@ -31,6 +31,9 @@ from rexomni_server.schemas import (
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import Task
 from rexomni_server.tracking import OutputTracker
+
+# Room kept for the chat template and task text beside the image tokens.
+PROMPT_TEXT_TOKENS = 256
 
 # Tasks whose categories are independent, so one request per category gives the same answer.
 FAN_OUT_TASKS = frozenset({Task.DETECTION, Task.POINTING})
@@ -129,6 +132,18 @@ class DetectionService:
                 "(start it with --allow-forced-output)"
             )
 
+    def _check_context(self, resized_size: tuple[int, int]) -> None:
+        """The image alone must fit the context; say how to make it fit instead of failing later."""
+        width, height = resized_size
+        image_tokens = (width // FACTOR) * (height // FACTOR)
+        budget = self.settings.max_model_len - PROMPT_TEXT_TOKENS
+        if image_tokens > budget:
+            raise InvalidRequest(
+                f"the image needs {image_tokens} tokens at {width}x{height}, more than the context "
+                f"(max_model_len {self.settings.max_model_len}) leaves; lower options.max_pixels to at "
+                f"most {budget * FACTOR * FACTOR}"
+            )
+
     def fans_out(self, params: DetectParams) -> bool:
         if params.task not in FAN_OUT_TASKS or len(params.categories) < 2:
             return False
@@ -206,6 +221,7 @@ class DetectionService:
             image = await asyncio.to_thread(
                 load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels
             )
+            self._check_context(image.resized_size)
             texts = self._task_texts(params, (image.width, image.height))
             engine_requests = [
                 EngineRequest(

@@ -95,6 +95,7 @@ def test_result_round_trip(dets: list[Detection], first: float | None, raw: str 
             "truncated": True,
             "finish_reason": "length",
             "skipped": 3,
+            "duplicates": 4,
             "usage": {"prompt_tokens": 5, "completion_tokens": 9},
             "timings": {"queue_ms": 1.5, "first_detection_ms": first, "total_ms": 30.25},
             "raw_output": raw,

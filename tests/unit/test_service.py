@@ -201,3 +201,10 @@ async def test_fan_out_default_follows_the_engine() -> None:
     assert service.fans_out(params(options={"fan_out": True}))
     assert not service.fans_out(params(task="ocr_box"))
     assert not service.fans_out(params(categories=["one"], options={"fan_out": True}))
+
+
+async def test_an_image_too_big_for_the_context_is_a_clear_error() -> None:
+    service, engine = await make_service(max_model_len=1024)
+    with pytest.raises(InvalidRequest, match=r"max_pixels to at most 602112"):
+        await service.detect(params(), IMAGE)  # 999x999 -> 1008x1008 = 1296 image tokens
+    assert not engine.requests

@@ -161,3 +161,33 @@ async def test_metrics_endpoint_includes_vllm_metrics(vllm_servers: RunningServe
         ]
         == "vllm"
     )
+
+
+async def test_the_model_sees_our_resize_not_the_processors(
+    vllm_servers: RunningServers, vllm_runtime: Runtime
+) -> None:
+    """An image larger than the checkpoint's own max_pixels (2560*28*28) must reach the model at
+    the size our smart_resize chose: vLLM's processor must not resize it again."""
+    from rexomni_server.prompts import build_chat_prompt, build_task_text
+    from rexomni_server.tasks import Task
+
+    big = image_bytes(2240, 1680, "JPEG")
+    request = {
+        "image": base64.b64encode(big).decode(),
+        "categories": ["person"],
+        "options": {"forced_output": forced_boxes(1), "max_pixels": 4_000_000},
+    }
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120
+    ) as client:
+        too_long = await client.post("/v1/detect", json=request)
+        request["options"]["max_pixels"] = 2_600_000  # type: ignore[index]
+        result = (await client.post("/v1/detect", json=request)).json()
+    # 4.0 M pixels need ~4800 image tokens: more than max_model_len 4096, a clear 422.
+    assert too_long.status_code == 422 and "max_pixels" in too_long.json()["error"]["message"]
+    rw, rh = result["image"]["resized_width"], result["image"]["resized_height"]
+    assert rw * rh > 2560 * 28 * 28, result
+    image_tokens = (rw // 28) * (rh // 28)
+    tokenizer = vllm_runtime.engine._tokenizer  # type: ignore[attr-defined]
+    prompt = build_chat_prompt(build_task_text(Task.DETECTION, ["person"]), image_tokens=image_tokens)
+    assert result["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt, add_special_tokens=False))

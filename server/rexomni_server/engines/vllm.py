@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
 from rexomni_server.engines.forced import forced_token_ids
 from rexomni_server.engines.transformers import coordinate_token_ids
-from rexomni_server.errors import EngineFailure, EngineNotReady
+from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest
 from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
 from rexomni_server.settings import PIXEL_UNIT, Settings
 
@@ -69,7 +69,10 @@ def engine_args(model_path: str, settings: Settings) -> Any:
         enable_prefix_caching=True,  # fan-out requests share the image prefix
         limit_mm_per_prompt={"image": 1, "video": 0},
         # Our images are already resized; bounds this wide make the processor's resize a no-op.
-        mm_processor_kwargs={"min_pixels": PIXEL_UNIT, "max_pixels": settings.max_pixels_limit},
+        # (`size` is the current spelling; min_pixels/max_pixels are deprecated in transformers.)
+        mm_processor_kwargs={
+            "size": {"shortest_edge": PIXEL_UNIT, "longest_edge": settings.max_pixels_limit}
+        },
         logits_processors=processors,
         disable_log_stats=False,  # keeps the vllm:* Prometheus metrics
     )
@@ -180,6 +183,8 @@ class VllmEngine:
                     yield EngineEvent(finish_reason=_FINISH.get(str(completion.finish_reason), "stop"))
         except (EngineNotReady, asyncio.CancelledError, GeneratorExit):
             raise
+        except ValueError as exc:  # vLLM's input validation (e.g. a prompt longer than the context)
+            raise InvalidRequest(f"vLLM rejected the request: {exc}") from exc
         except Exception as exc:
             raise EngineFailure(f"vLLM generation failed: {exc}") from exc
         finally:

@@ -49,8 +49,8 @@ def _box_values(box: Any) -> list[float]:
 # ---- requests -------------------------------------------------------------------------------
 def params_to_pb(params: DetectParams, image: bytes) -> Any:
     o = params.options
-    options = pb.DetectOptions(return_raw_output=o.return_raw_output)
-    for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output"):
+    options = pb.DetectOptions(return_raw_output=o.return_raw_output, stop_on_repetition=o.stop_on_repetition)
+    for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output", "max_detections", "fan_out"):
         if getattr(o, name) is not None:
             setattr(options, name, getattr(o, name))
     return pb.DetectRequest(
@@ -72,6 +72,9 @@ def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
         max_pixels=o.max_pixels if o.HasField("max_pixels") else None,
         return_raw_output=o.return_raw_output,
         forced_output=o.forced_output if o.HasField("forced_output") else None,
+        max_detections=o.max_detections if o.HasField("max_detections") else None,
+        stop_on_repetition=o.stop_on_repetition if o.HasField("stop_on_repetition") else True,
+        fan_out=o.fan_out if o.HasField("fan_out") else None,
     )
     params = DetectParams.model_validate(
         {
@@ -137,6 +140,7 @@ def result_to_pb(r: DetectResult) -> Any:
         truncated=r.truncated,
         finish_reason=r.finish_reason,
         skipped=r.skipped,
+        duplicates=r.duplicates,
         usage=pb.Usage(**r.usage.model_dump()),
         timings=pb.Timings(queue_ms=r.timings.queue_ms, total_ms=r.timings.total_ms),
     )
@@ -162,6 +166,7 @@ def result_from_pb(r: Any) -> DetectResult:
         truncated=r.truncated,
         finish_reason=r.finish_reason,
         skipped=r.skipped,
+        duplicates=r.duplicates,
         usage=Usage(prompt_tokens=r.usage.prompt_tokens, completion_tokens=r.usage.completion_tokens),
         timings=Timings(
             queue_ms=r.timings.queue_ms,

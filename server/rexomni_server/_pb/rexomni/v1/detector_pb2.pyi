@@ -49,18 +49,24 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
-    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output")
+    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output", "max_detections", "stop_on_repetition", "fan_out")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     RETURN_RAW_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORCED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOP_ON_REPETITION_FIELD_NUMBER: _ClassVar[int]
+    FAN_OUT_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_pixels: int
     max_pixels: int
     return_raw_output: bool
     forced_output: str
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ...) -> None: ...
+    max_detections: int
+    stop_on_repetition: bool
+    fan_out: bool
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ..., max_detections: _Optional[int] = ..., stop_on_repetition: _Optional[bool] = ..., fan_out: _Optional[bool] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
     __slots__ = ("image", "task", "categories", "keypoint_type", "visual_prompt_boxes", "options")
@@ -147,7 +153,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., first_detection_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("request_id", "model", "task", "detections", "image", "truncated", "finish_reason", "skipped", "usage", "timings", "raw_output")
+    __slots__ = ("request_id", "model", "task", "detections", "image", "truncated", "finish_reason", "skipped", "usage", "timings", "raw_output", "duplicates")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +165,7 @@ class DetectResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RAW_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     task: Task
@@ -170,7 +177,8 @@ class DetectResponse(_message.Message):
     usage: Usage
     timings: Timings
     raw_output: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., truncated: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., skipped: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw_output: _Optional[str] = ...) -> None: ...
+    duplicates: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., truncated: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., skipped: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw_output: _Optional[str] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class DetectionEvent(_message.Message):
     __slots__ = ("index", "detection", "elapsed_ms")
