@@ -111,7 +111,9 @@ class VllmEngine:
     async def stop(self) -> None:
         self._ready = False
         if self._engine is not None:
-            await asyncio.to_thread(self._engine.shutdown)
+            # On the loop thread: shutdown() cancels vLLM's output-handler task, which is only
+            # safe from the loop that owns it (else the handler sees a dead engine and logs it).
+            self._engine.shutdown()
             self._engine = None
 
     async def abort(self, request_id: str) -> None:
