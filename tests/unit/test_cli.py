@@ -50,3 +50,14 @@ def test_serve_flags_become_settings() -> None:
     both_off = build_parser().parse_args(["serve", "--no-grpc", "--no-http"])
     with pytest.raises(ValueError, match="at least one"):
         Settings(**_settings_overrides(both_off))
+
+
+def test_auto_engine_falls_back_to_transformers_without_vllm() -> None:
+    import importlib.util
+
+    from rexomni_server.runtime import choose_engine_name
+    from rexomni_server.settings import Settings
+
+    expected = "transformers" if importlib.util.find_spec("vllm") is None else "vllm"
+    assert choose_engine_name(Settings(engine="auto")) == expected
+    assert choose_engine_name(Settings(engine="scripted")) == "scripted"

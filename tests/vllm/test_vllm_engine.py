@@ -191,3 +191,10 @@ async def test_the_model_sees_our_resize_not_the_processors(
     tokenizer = vllm_runtime.engine._tokenizer  # type: ignore[attr-defined]
     prompt = build_chat_prompt(build_task_text(Task.DETECTION, ["person"]), image_tokens=image_tokens)
     assert result["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def test_auto_picks_vllm_where_it_is_usable() -> None:
+    from rexomni_server.runtime import choose_engine_name
+    from rexomni_server.settings import Settings
+
+    assert choose_engine_name(Settings(engine="auto")) == "vllm"
