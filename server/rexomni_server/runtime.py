@@ -76,6 +76,7 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
             device=settings.device,
             dtype=settings.dtype,
             max_concurrency=settings.max_concurrency,
+            fast_decode=settings.fast_decode,
         )
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         default=4, ge=1, description="Generations the transformers engine runs at once."
     )
+    fast_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="transformers engine: static KV cache + compiled decode (auto: on CUDA). "
+        "Runs one generation at a time.",
+    )
 
     # -- vLLM engine --
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)

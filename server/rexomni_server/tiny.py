@@ -218,3 +218,34 @@ def make_tiny_model(directory: str | Path) -> Path:
 def is_tiny_model(path: str | Path) -> bool:
     """True for a checkpoint written by :func:`make_tiny_model` (random weights)."""
     return (Path(path) / "rexomni_tiny.json").is_file()
+
+
+def architecture_config(name: str) -> dict[str, Any]:
+    """A shipped architecture (``qwen2_5_vl_3b``: Rex-Omni's exact sizes) as a flat config dict."""
+    from importlib.resources import files
+
+    text = files("rexomni_server").joinpath("configs", f"{name}.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def random_components(arch: dict[str, Any], device: str, dtype: str) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image processor) for random weights of any architecture's sizes.
+
+    The tokenizer is the tiny one; the architecture keeps its own vocabulary size (the LM head
+    is part of every decode step's cost) with the special-token ids remapped to the tokenizer's.
+    Decode cost does not depend on the weights' values, so this times the real model's work.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    remap = architecture(arch.get("vocab_size", len(tokenizer)), ids)
+    config_dict = {**arch, **{k: v for k, v in remap.items() if k.endswith("_token_id")}}
+    config_dict["torch_dtype"] = dtype
+    config = Qwen2_5_VLConfig(**config_dict)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    image_processor = Qwen2VLImageProcessor(min_pixels=16 * 28 * 28, max_pixels=2560 * 28 * 28)
+    return model.eval(), tokenizer, image_processor

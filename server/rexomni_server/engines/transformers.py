@@ -95,7 +95,9 @@ class _CancelCriteria:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
+        return torch.full(
+            (input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 def coordinate_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -126,10 +128,14 @@ class TransformersEngine:
         device: str = "auto",
         dtype: str = "auto",
         max_concurrency: int = 4,
+        fast_decode: str = "auto",
     ) -> None:
         self.model_path = model_path
         self._device_setting = device
         self._dtype_setting = dtype
+        self._fast_decode_setting = fast_decode
+        self._fast_decode = False
+        self._max_concurrency = max_concurrency
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self._cancel: dict[str, threading.Event] = {}
         self._ready = False
@@ -144,6 +150,16 @@ class TransformersEngine:
     def ready(self) -> bool:
         return self._ready
 
+    @classmethod
+    def from_loaded(
+        cls, model: Any, tokenizer: Any, image_processor: Any, *, label: str, fast_decode: str = "auto"
+    ) -> TransformersEngine:
+        """An engine over components already in memory (benchmarks build random 3B models)."""
+        engine = cls(label, fast_decode=fast_decode)
+        engine._model, engine._tokenizer, engine._image_processor = model.eval(), tokenizer, image_processor
+        engine._device = str(next(model.parameters()).device)
+        return engine
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
         self._ready = True
@@ -151,15 +167,29 @@ class TransformersEngine:
     def _load(self) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        self._device, torch_dtype = resolve_device_and_dtype(self._device_setting, self._dtype_setting)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self._image_processor = AutoImageProcessor.from_pretrained(self.model_path)
-        model_class: Any = Qwen2_5_VLForConditionalGeneration
-        model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
-        self._model = model.to(self._device).eval()
+        if self._model is None:
+            self._device, torch_dtype = resolve_device_and_dtype(self._device_setting, self._dtype_setting)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._image_processor = AutoImageProcessor.from_pretrained(self.model_path)
+            model_class: Any = Qwen2_5_VLForConditionalGeneration
+            model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
+            self._model = model.to(self._device).eval()
         self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
         self._coordinate_ids = coordinate_token_ids(self._tokenizer)
-        log.info("transformers engine loaded %s on %s (%s)", self.model_path, self._device, torch_dtype)
+        fast = self._fast_decode_setting
+        self._fast_decode = fast == "on" or (fast == "auto" and self._device.startswith("cuda"))
+        if self._fast_decode and self._max_concurrency > 1:
+            # The static KV cache (and its compiled decode graphs) is one per model: one generation
+            # at a time. Requests still queue asynchronously; vLLM is the engine for concurrency.
+            self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        log.info(
+            "transformers engine loaded %s on %s (%s), fast decode %s",
+            self.model_path,
+            self._device,
+            self._model.dtype,
+            "on" if self._fast_decode else "off",
+        )
 
     async def stop(self) -> None:
         self._ready = False
@@ -249,6 +279,10 @@ class TransformersEngine:
         }
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if self._fast_decode:
+            # Static KV cache: on CUDA transformers compiles the decode step into CUDA graphs,
+            # removing the per-token Python and launch overhead that dominates batch-1 decode.
+            kwargs["cache_implementation"] = "static"
         with torch.inference_mode():
             output = self._model.generate(
                 input_ids=input_ids.to(self._device),

@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks: forced outputs with Rex-Omni's token pattern, test images,
+and a runtime on the requested engine and model size."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from rexomni_server.runtime import Runtime
+from rexomni_server.settings import Settings
+from rexomni_server.tiny import (
+    TINY_TEXT,
+    TINY_VISION,
+    architecture_config,
+    make_tiny_model,
+    random_components,
+)
+
+# COCO-like labels: real outputs group boxes per phrase, so label tokens are amortised over a
+# few boxes (the paper measures ~7.6 tokens per box on COCO).
+LABELS = ("person", "car", "chair", "cup", "dog", "bottle", "book", "traffic light", "bicycle", "bus")
+
+
+def group(label: str, boxes: list[tuple[int, int, int, int]]) -> str:
+    body = ", ".join("".join(f"<{v}>" for v in box) for box in boxes)
+    return f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>{body}<|box_end|>"
+
+
+def realistic_forced(n_boxes: int, seed: int = 0) -> str:
+    """N distinct boxes in groups of 1-6 per label, groups joined by ', ' as the model writes."""
+    rng = random.Random(seed)
+    groups, made, label_index = [], 0, 0
+    while made < n_boxes:
+        size = min(rng.randint(1, 6), n_boxes - made)
+        boxes = []
+        for _ in range(size):
+            x0, y0 = rng.randint(0, 900), rng.randint(0, 900)
+            boxes.append((x0, y0, x0 + rng.randint(10, 99), y0 + rng.randint(10, 99)))
+        groups.append(group(LABELS[label_index % len(LABELS)] + f" {label_index // len(LABELS)}", boxes))
+        made += size
+        label_index += 1
+    return ", ".join(groups)
+
+
+def single_label_forced(label: str, n_boxes: int, offset: int = 0) -> str:
+    boxes = [((i + offset) % 900, i % 800, (i + offset) % 900 + 40, i % 800 + 90) for i in range(n_boxes)]
+    return group(label, boxes)
+
+
+def jpeg_bytes(width: int = 640, height: int = 480) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 60, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class Bench:
+    runtime: Runtime
+    description: str
+    weight_bytes: int  # bytes of LLM weights each decode step reads (0 if unknown)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def close(self) -> None:
+        await self.runtime.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+async def start_bench(engine: str, model: str = "tiny", device: str = "auto", **settings: object) -> Bench:
+    """A started runtime with forced outputs allowed.
+
+    model: ``tiny`` (generated checkpoint), ``3b`` (Rex-Omni's real sizes, random BF16 weights,
+    transformers engine on a GPU), or ``3b-small`` (the same code path at tiny sizes, for a dry
+    run on a CPU).
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if model == "tiny":
+        tmp = tempfile.TemporaryDirectory()
+        make_tiny_model(tmp.name)
+        config = Settings(
+            model=tmp.name,
+            engine=engine,
+            allow_forced_output=True,
+            enforce_eager=True,
+            **settings,  # type: ignore[arg-type]
+        )
+        runtime = Runtime(config)
+        await runtime.engine.start()
+        return Bench(runtime, f"{engine}, tiny random model", 0, tmp)
+    from rexomni_server.engines.transformers import TransformersEngine, resolve_device_and_dtype
+
+    arch = architecture_config("qwen2_5_vl_3b")
+    if model == "3b-small":
+        arch = {**arch, **TINY_TEXT, "vision_config": TINY_VISION, "vocab_size": 4096}
+    resolved_device, dtype = resolve_device_and_dtype(device, "auto")
+    dtype_name = str(dtype).removeprefix("torch.")
+    components = random_components(arch, resolved_device, dtype_name)
+    # What one decode step reads: every LLM weight, the (possibly tied) LM head counted once.
+    tensors = {p.data_ptr(): p for p in components[0].model.language_model.parameters()}
+    tensors.setdefault(components[0].lm_head.weight.data_ptr(), components[0].lm_head.weight)
+    weight_bytes = sum(p.numel() * p.element_size() for p in tensors.values())
+    engine_obj = TransformersEngine.from_loaded(
+        *components, label=f"random-{model}", fast_decode=str(settings.pop("fast_decode", "auto"))
+    )
+    config = Settings(model=f"random-{model}", allow_forced_output=True, **settings)  # type: ignore[arg-type]
+    runtime = Runtime(config, engine=engine_obj, model_label=f"random-{model} ({dtype_name})")
+    await runtime.engine.start()
+    return Bench(runtime, f"transformers, {model} random {dtype_name} on {resolved_device}", weight_bytes)
+
+
+def write_json(path: Path, payload: object) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
