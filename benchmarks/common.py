@@ -72,7 +72,8 @@ class Bench:
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
     async def close(self) -> None:
-        await self.runtime.stop()
+        if self.runtime.engine.ready:
+            await self.runtime.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 

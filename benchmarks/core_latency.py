@@ -81,9 +81,7 @@ async def bench_end_to_end(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
             await client.post("/v1/detect", json=body)  # warm-up
             for i in range(repeats):
                 t = time.perf_counter()
-                request = EngineRequest(
-                    f"d{i}", "Detect person.", prepared, sampling, body["options"]["forced_output"]
-                )  # type: ignore[index]
+                request = EngineRequest(f"d{i}", "Detect person.", prepared, sampling, body["options"]["forced_output"])  # type: ignore[index]
                 tokens = sum([e.tokens async for e in runtime.engine.stream(request)])
                 direct.append(time.perf_counter() - t)
                 t = time.perf_counter()

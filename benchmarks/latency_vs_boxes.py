@@ -108,9 +108,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await engine_once(bench, image, realistic_forced(5))  # warm-up (and compile, on a GPU)
             for n in args.boxes:
                 forced = realistic_forced(n)
-                params = DetectParams.model_validate(
-                    {"categories": ["objects"], "options": {"forced_output": forced}}
-                )
+                params = DetectParams.model_validate({"categories": ["objects"], "options": {"forced_output": forced}})
                 body = {"image": b64(image), **params.model_dump(mode="json")}
                 request = params_to_pb(params, image)
                 runs: dict[str, list[Sample]] = {"engine": [], "http": [], "grpc": []}
@@ -150,7 +148,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(ns, [by_n[n]["first"] for n in ns], linestyle=":", label=f"{name} (first detection)")
     for x, y, label in PAPER_ANCHORS:
         ax.scatter([x], [y], marker="*", s=160, color="black", zorder=5)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 8), fontsize=8)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5 if x < 200 else -150, 8), fontsize=8)
     ax.set_xlabel("boxes in the output")
     ax.set_ylabel("seconds")
     ax.set_title(f"Latency vs boxes: {report['bench']}")
@@ -173,17 +171,10 @@ def main() -> None:
     write_json(args.out / "latency_vs_boxes.json", report)
     plot(report, args.out / "latency_vs_boxes.png")
     print(f"{report['bench']}: latency vs boxes (median of {args.repeats})")
-    print(
-        f"{'boxes':>6} {'tokens':>7} " + " ".join(f"{p + ' first/total ms':>24}" for p in report["results"])
-    )
+    print(f"{'boxes':>6} {'tokens':>7} " + " ".join(f"{p + ' first/total ms':>24}" for p in report["results"]))
     for n in args.boxes:
-        cells = [
-            f"{r[n]['first'] * 1000:>10.0f} / {r[n]['total'] * 1000:>10.0f}"
-            for r in report["results"].values()
-        ]
-        print(
-            f"{n:>6} {report['results']['engine'][n]['tokens']:>7.0f} " + " ".join(f"{c:>24}" for c in cells)
-        )
+        cells = [f"{r[n]['first'] * 1000:>10.0f} / {r[n]['total'] * 1000:>10.0f}" for r in report["results"].values()]
+        print(f"{n:>6} {report['results']['engine'][n]['tokens']:>7.0f} " + " ".join(f"{c:>24}" for c in cells))
     print()
     for path, fit in report["fits"].items():
         print(

@@ -50,9 +50,7 @@ async def sse_request(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[
     return end - start, (first or end) - start, boxes
 
 
-async def level(
-    client: httpx.AsyncClient, body: dict[str, Any], total: int, concurrency: int
-) -> dict[str, float]:
+async def level(client: httpx.AsyncClient, body: dict[str, Any], total: int, concurrency: int) -> dict[str, float]:
     queue = list(range(total))
     latencies: list[float] = []
     firsts: list[float] = []
@@ -94,12 +92,8 @@ async def run(args: argparse.Namespace) -> None:
             await level(client, body, 2, 2)  # warm-up
             rows.append(("one at a time (reference)", await level(client, body, args.requests, 1)))
             for concurrency in args.concurrency:
-                rows.append(
-                    (f"{concurrency} in flight", await level(client, body, args.requests, concurrency))
-                )
-            forced = ", ".join(
-                single_label_forced(c, args.fan_boxes, offset=i * 100) for i, c in enumerate(CATEGORIES)
-            )
+                rows.append((f"{concurrency} in flight", await level(client, body, args.requests, concurrency)))
+            forced = ", ".join(single_label_forced(c, args.fan_boxes, offset=i * 100) for i, c in enumerate(CATEGORIES))
             for _ in range(args.fan_repeats):
                 for name, fan_out in (("single prompt", False), ("fan-out", True)):
                     options = {"forced_output": forced, "fan_out": fan_out}
@@ -112,9 +106,7 @@ async def run(args: argparse.Namespace) -> None:
         await servers.stop(0)
         await bench.close()
 
-    print(
-        f"{bench.description}; {args.requests} requests per level, {args.boxes} forced boxes each, HTTP SSE"
-    )
+    print(f"{bench.description}; {args.requests} requests per level, {args.boxes} forced boxes each, HTTP SSE")
     columns = ("req/s", "boxes/s", "p50 ms", "p95 ms", "p99 ms", "TTFD p50", "vs ref")
     print(f"{'mode':<27} " + " ".join(f"{c:>8}" for c in columns))
     base = rows[0][1]["rps"]

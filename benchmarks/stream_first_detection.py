@@ -87,9 +87,7 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
             "categories": ["person"],
             "options": {"forced_output": forced},
         }
-        request = params_to_pb(
-            DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image
-        )
+        request = params_to_pb(DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image)
         rows = []
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=120) as client:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{servers.grpc_port}") as channel:

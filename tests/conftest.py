@@ -14,9 +14,7 @@ from PIL import Image
 collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm/*"]
 
 
-def image_bytes(
-    width: int = 640, height: int = 480, fmt: str = "PNG", mode: str = "RGB", **save: object
-) -> bytes:
+def image_bytes(width: int = 640, height: int = 480, fmt: str = "PNG", mode: str = "RGB", **save: object) -> bytes:
     colour: object = (30, 120, 200) if mode in ("RGB", "RGBA") else 128
     buf = io.BytesIO()
     Image.new(mode, (width, height), colour).save(buf, fmt, **save)  # type: ignore[arg-type]

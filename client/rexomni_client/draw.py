@@ -30,9 +30,7 @@ def annotate(image_path: str | Path, result: DetectResult, out_path: str | Path)
         if isinstance(det, KeypointsDetection):
             for xy in det.keypoints.values():
                 if xy is not None:
-                    draw.ellipse(
-                        [xy[0] - radius, xy[1] - radius, xy[0] + radius, xy[1] + radius], fill=colour
-                    )
+                    draw.ellipse([xy[0] - radius, xy[1] - radius, xy[0] + radius, xy[1] + radius], fill=colour)
         elif isinstance(det, PointDetection):
             x, y = det.point
             draw.ellipse([x - radius * 2, y - radius * 2, x + radius * 2, y + radius * 2], fill=colour)

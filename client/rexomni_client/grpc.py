@@ -40,9 +40,7 @@ class RexOmniGrpcClient:
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> Iterator[DetectionModel | DetectResult]:
         """Each detection as soon as the server decodes it, then the full result."""
-        for event in self._stub.DetectStream(
-            self._request(image, task, categories, **kw), timeout=self._timeout
-        ):
+        for event in self._stub.DetectStream(self._request(image, task, categories, **kw), timeout=self._timeout):
             if event.WhichOneof("event") == "detection":
                 yield detection_from_pb(event.detection.detection)
             else:

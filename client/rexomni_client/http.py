@@ -104,9 +104,7 @@ class RexOmniClient:
     ) -> Iterator[DetectionModel | DetectResult]:
         """Server-sent events: each detection as soon as it is decoded, then the full result."""
         request = build_request(image, task, categories, **kw)
-        with connect_sse(
-            self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")
-        ) as source:
+        with connect_sse(self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")) as source:
             if source.response.status_code >= 400:
                 source.response.read()
                 _result(source.response)

@@ -117,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the tiny random-weight model if the real one cannot be loaded (demos)",
     )
-    serve.add_argument(
-        "--allow-forced-output", action="store_true", help="accept options.forced_output (tests)"
-    )
+    serve.add_argument("--allow-forced-output", action="store_true", help="accept options.forced_output (tests)")
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write the tiny random checkpoint to DIR")

@@ -135,9 +135,7 @@ def prepare_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Prepa
     """Resize to the smart_resize size (bicubic, as the reference's qwen_vl_utils does)."""
     width, height = image.size
     new_h, new_w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
-    resized = (
-        image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    )
+    resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return PreparedImage(width=width, height=height, resized=resized)
 
 

@@ -17,9 +17,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "rexomni_requests", "Finished requests.", ["task", "transport", "status"], registry=r
-        )
+        self.requests = Counter("rexomni_requests", "Finished requests.", ["task", "transport", "status"], registry=r)
         self.latency = Histogram(
             "rexomni_request_duration_seconds",
             "Arrival to last byte of the result.",
@@ -51,9 +49,7 @@ class Metrics:
         self.generated_tokens = Counter(
             "rexomni_generated_tokens", "Completion tokens generated.", ["task"], registry=r
         )
-        self.prompt_tokens = Counter(
-            "rexomni_prompt_tokens", "Prompt tokens processed.", ["task"], registry=r
-        )
+        self.prompt_tokens = Counter("rexomni_prompt_tokens", "Prompt tokens processed.", ["task"], registry=r)
         self.truncated = Counter(
             "rexomni_truncated_outputs", "Outputs cut off by max_new_tokens.", ["task"], registry=r
         )
@@ -66,9 +62,7 @@ class Metrics:
         self.parse_skipped = Counter(
             "rexomni_parse_skipped", "Unparseable output pieces skipped.", ["task"], registry=r
         )
-        self.in_flight = Gauge(
-            "rexomni_in_flight_requests", "Requests admitted and not finished.", registry=r
-        )
+        self.in_flight = Gauge("rexomni_in_flight_requests", "Requests admitted and not finished.", registry=r)
         self.queue_depth = Gauge("rexomni_queue_depth", "Admitted requests not yet generating.", registry=r)
         self.image_pixels = Histogram(
             "rexomni_image_pixels",

@@ -94,9 +94,7 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
 class Runtime:
     """Owns the engine's life: build, start in the background, fall back, stop."""
 
-    def __init__(
-        self, settings: Settings, engine: Engine | None = None, model_label: str | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, model_label: str | None = None) -> None:
         self.settings = settings
         self.random_weights = False
         self.boot_error: str | None = None
@@ -133,9 +131,7 @@ class Runtime:
             if self.settings.fallback_to_tiny and not self.random_weights:
                 reachable = await asyncio.to_thread(model_reachable, self.settings.model)
                 if not reachable:
-                    raise FileNotFoundError(
-                        f"{self.settings.model!r} is neither a folder nor reachable on the hub"
-                    )
+                    raise FileNotFoundError(f"{self.settings.model!r} is neither a folder nor reachable on the hub")
             await self.engine.start()
             log.info(
                 "engine ready",

@@ -24,9 +24,7 @@ class _Strict(BaseModel):
 # ---- detections -----------------------------------------------------------------------------
 class _DetectionBase(_Strict):
     label: str = Field(description="Category, GUI element, or the recognised text (OCR tasks).")
-    score: float | None = Field(
-        default=None, description="Confidence in [0, 1] where the engine can compute one."
-    )
+    score: float | None = Field(default=None, description="Confidence in [0, 1] where the engine can compute one.")
 
 
 class BoxDetection(_DetectionBase):

@@ -44,9 +44,7 @@ class RunningServers:
             await self.grpc.stop(grace_s)
 
 
-async def start_servers(
-    runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None
-) -> RunningServers:
+async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None) -> RunningServers:
     """Start HTTP (uvicorn) and/or gRPC on ``runtime``; ``None`` leaves a transport off."""
     servers = RunningServers(http=None, http_task=None, grpc=None)
     if grpc_port is not None:
@@ -58,9 +56,7 @@ async def start_servers(
         log.info("gRPC listening", extra={"fields": {"host": host, "port": servers.grpc_port}})
     if http_port is not None:
         app = create_app(runtime=runtime, manage_runtime=False)
-        config = uvicorn.Config(
-            app, host=host, port=http_port, log_config=None, access_log=False, lifespan="off"
-        )
+        config = uvicorn.Config(app, host=host, port=http_port, log_config=None, access_log=False, lifespan="off")
         servers.http = uvicorn.Server(config)
         servers.http_task = asyncio.create_task(servers.http.serve())
         while not servers.http.started:

@@ -87,9 +87,7 @@ def new_request_id() -> str:
 
 
 class DetectionService:
-    def __init__(
-        self, settings: Settings, engine: Engine, model_label: str, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, engine: Engine, model_label: str, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.engine = engine
@@ -202,9 +200,7 @@ class DetectionService:
         summary: dict[str, object] = {}
         if self.in_flight >= self.settings.max_queue:
             self.record_rejected(request_id, task, transport, Overloaded.code)
-            error = Overloaded(
-                f"server is at its limit of {self.settings.max_queue} requests", retry_after_s=1.0
-            )
+            error = Overloaded(f"server is at its limit of {self.settings.max_queue} requests", retry_after_s=1.0)
             error.accounted = True
             raise error
         self.in_flight += 1
@@ -218,9 +214,7 @@ class DetectionService:
             sampling = self._sampling(params)
             min_pixels, max_pixels = self._pixel_bounds(params)
             self._check_forced(params)
-            image = await asyncio.to_thread(
-                load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels
-            )
+            image = await asyncio.to_thread(load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels)
             self._check_context(image.resized_size)
             texts = self._task_texts(params, (image.width, image.height))
             engine_requests = [
@@ -281,8 +275,7 @@ class DetectionService:
         options = params.options
         repetition_limit = self.settings.repetition_limit if options.stop_on_repetition else None
         trackers = [
-            OutputTracker(params.task, run.image.width, run.image.height, repetition_limit)
-            for _ in run.engine_requests
+            OutputTracker(params.task, run.image.width, run.image.height, repetition_limit) for _ in run.engine_requests
         ]
         queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
 
@@ -408,9 +401,7 @@ class DetectionService:
                 ),
                 total_ms=round((finished - run.arrived) * 1000, 3),
             ),
-            raw_output=", ".join("".join(t.raw) for t in trackers)
-            if run.params.options.return_raw_output
-            else None,
+            raw_output=", ".join("".join(t.raw) for t in trackers) if run.params.options.return_raw_output else None,
         )
         summary.update(
             detections=len(detections),
@@ -434,9 +425,7 @@ class DetectionService:
     ) -> DetectResult:
         """Unary: the DoneEvent of the same stream (drained to its end, so it closes cleanly)."""
         result: DetectResult | None = None
-        events = self.stream(
-            params, image_bytes, request_id=request_id, transport=transport, timeout_s=timeout_s
-        )
+        events = self.stream(params, image_bytes, request_id=request_id, transport=transport, timeout_s=timeout_s)
         async for event in events:
             if isinstance(event, DoneEvent):
                 result = event.result

@@ -38,9 +38,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="'auto': bfloat16 on GPU, float32 on CPU."
     )
-    max_concurrency: int = Field(
-        default=4, ge=1, description="Generations the transformers engine runs at once."
-    )
+    max_concurrency: int = Field(default=4, ge=1, description="Generations the transformers engine runs at once.")
     fast_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="transformers engine: static KV cache + compiled decode (auto: on CUDA). "
@@ -69,21 +67,15 @@ class Settings(BaseSettings):
     top_k: int = Field(default=1, ge=0)
     repetition_penalty: float = Field(default=1.05, gt=0.0)
     max_model_len: int = Field(default=4096, ge=256)
-    repetition_limit: int = Field(
-        default=3, ge=1, description="Duplicate detections in a row that stop a generation."
-    )
+    repetition_limit: int = Field(default=3, ge=1, description="Duplicate detections in a row that stop a generation.")
 
     # -- images --
     min_pixels: int = Field(default=16 * PIXEL_UNIT, ge=PIXEL_UNIT)
     max_pixels: int = Field(default=2560 * PIXEL_UNIT, ge=PIXEL_UNIT)
-    max_pixels_limit: int = Field(
-        default=16384 * PIXEL_UNIT, description="Ceiling for a request's max_pixels option."
-    )
+    max_pixels_limit: int = Field(default=16384 * PIXEL_UNIT, description="Ceiling for a request's max_pixels option.")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_side: int = Field(default=16384, ge=28)
-    max_decoded_pixels: int = Field(
-        default=100_000_000, description="Decompression-bomb guard on the decoded image."
-    )
+    max_decoded_pixels: int = Field(default=100_000_000, description="Decompression-bomb guard on the decoded image.")
 
     # -- serving --
     host: str = "127.0.0.1"
@@ -91,9 +83,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     http_enabled: bool = True
     grpc_enabled: bool = True
-    max_queue: int = Field(
-        default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it."
-    )
+    max_queue: int = Field(default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it.")
     request_timeout_s: float = Field(default=600.0, gt=0)
     allow_forced_output: bool = Field(
         default=False, description="Accept options.forced_output (tests and benchmarks only)."

@@ -38,14 +38,10 @@ def to_schema(detection: Detection, score: float | None = None) -> DetectionMode
     if detection.type is Geometry.POINT and detection.point is not None:
         return PointDetection(label=detection.label, point=list(detection.point), score=score)
     if detection.type is Geometry.POLYGON and detection.polygon is not None:
-        return PolygonDetection(
-            label=detection.label, polygon=[list(p) for p in detection.polygon], score=score
-        )
+        return PolygonDetection(label=detection.label, polygon=[list(p) for p in detection.polygon], score=score)
     if detection.type is Geometry.KEYPOINTS and detection.box is not None:
         keypoints = {k: (list(v) if v is not None else None) for k, v in (detection.keypoints or {}).items()}
-        return KeypointsDetection(
-            label=detection.label, box=list(detection.box), keypoints=keypoints, score=score
-        )
+        return KeypointsDetection(label=detection.label, box=list(detection.box), keypoints=keypoints, score=score)
     raise ValueError(f"incomplete detection {detection!r}")
 
 

@@ -94,8 +94,7 @@ async def test_keypoint(tiny_client: httpx.AsyncClient) -> None:
 
 async def test_visual_prompting(tiny_client: httpx.AsyncClient) -> None:
     forced = (
-        "<|object_ref_start|>object_1<|object_ref_end|><|box_start|>"
-        "<10><10><20><20>, <700><700><800><800><|box_end|>"
+        "<|object_ref_start|>object_1<|object_ref_end|><|box_start|><10><10><20><20>, <700><700><800><800><|box_end|>"
     )
     result = await detect(tiny_client, forced, task="visual_prompting", visual_prompt_boxes=[[8, 6, 16, 12]])
     boxes = [d["box"] for d in result["detections"]]  # type: ignore[union-attr,index]
@@ -104,8 +103,7 @@ async def test_visual_prompting(tiny_client: httpx.AsyncClient) -> None:
 
 async def test_truncation_keeps_complete_detections(tiny_client: httpx.AsyncClient) -> None:
     forced = (
-        "<|object_ref_start|>a<|object_ref_end|><|box_start|>"
-        "<1><2><3><4>, <5><6><7><8>, <9><10><11><12><|box_end|>"
+        "<|object_ref_start|>a<|object_ref_end|><|box_start|><1><2><3><4>, <5><6><7><8>, <9><10><11><12><|box_end|>"
     )
     body = {"image": IMAGE, "categories": ["a"], "options": {"forced_output": forced, "max_new_tokens": 14}}
     result = (await tiny_client.post("/v1/detect", json=body)).json()

@@ -58,9 +58,7 @@ def serve(
         str(grpc_port),
         *args,
     ]
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_ready(url, proc)
@@ -120,9 +118,7 @@ def test_cli_detect_and_annotate(
     assert out.stat().st_size > 0
 
 
-def test_cli_streams_over_grpc(
-    server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path
-) -> None:
+def test_cli_streams_over_grpc(server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path) -> None:
     _, _, info = server
     photo = tmp_path / "in.png"
     photo.write_bytes(image_bytes(100, 100))
@@ -156,11 +152,7 @@ def test_one_structured_log_line_per_request(
     lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
     mine = [entry for entry in lines if entry.get("request_id") == "log-me"]
     assert len(mine) == 1
-    assert (
-        mine[0]["status"] == "invalid_image"
-        and mine[0]["task"] == "detection"
-        and mine[0]["transport"] == "http"
-    )
+    assert mine[0]["status"] == "invalid_image" and mine[0]["task"] == "detection" and mine[0]["transport"] == "http"
 
 
 def test_offline_fallback_serves_the_labelled_tiny_model(tiny_model_dir: Path) -> None:

@@ -115,9 +115,7 @@ async def wait_idle(runtime: Runtime, timeout: float = 10) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_sse_disconnect_aborts_the_engine_request(
-    live_servers: tuple[str, str], tiny_runtime: Runtime
-) -> None:
+async def test_sse_disconnect_aborts_the_engine_request(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     url, _ = live_servers
     metrics = tiny_runtime.service.metrics
     long_forced = forced_boxes(400)  # ~2800 tokens: seconds of work if not aborted
@@ -138,9 +136,7 @@ async def test_sse_disconnect_aborts_the_engine_request(
 
 
 def grpc_request(forced: str = FORCED_50, **fields: Any) -> Any:
-    params = DetectParams.model_validate(
-        {"categories": ["person"], "options": {"forced_output": forced}, **fields}
-    )
+    params = DetectParams.model_validate({"categories": ["person"], "options": {"forced_output": forced}, **fields})
     return params_to_pb(params, PNG)
 
 
@@ -222,9 +218,7 @@ async def test_grpc_bad_input_codes(
         assert len((await stub.Detect(grpc_request(forced_boxes(1)))).detections) == 1  # still serving
 
 
-async def test_grpc_overloaded_is_resource_exhausted(
-    live_servers: tuple[str, str], tiny_runtime: Runtime
-) -> None:
+async def test_grpc_overloaded_is_resource_exhausted(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     _, target = live_servers
     service = tiny_runtime.service
     original = service.settings
@@ -261,9 +255,7 @@ async def test_grpc_health_flips_with_readiness(tiny_model_dir: Any) -> None:
             assert await status() == health_pb2.HealthCheckResponse.SERVING
             await runtime.engine.stop()
             deadline = time.monotonic() + 5
-            while (
-                await status() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline
-            ):
+            while await status() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:

@@ -41,9 +41,7 @@ def test_serve_flags_become_settings() -> None:
     from rexomni_server.cli import _settings_overrides, build_parser
     from rexomni_server.settings import Settings
 
-    args = build_parser().parse_args(
-        ["serve", "--model", "m", "--port", "9000", "--grpc-port", "9001", "--no-grpc"]
-    )
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "9000", "--grpc-port", "9001", "--no-grpc"])
     settings = Settings(**_settings_overrides(args))
     assert (settings.model, settings.port, settings.grpc_port) == ("m", 9000, 9001)
     assert settings.http_enabled and not settings.grpc_enabled

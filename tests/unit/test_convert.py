@@ -81,9 +81,7 @@ def test_unset_options_stay_unset_and_unspecified_task_is_detection() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    dets=st.lists(detections(), max_size=5), first=st.none() | floats, raw=st.none() | st.text(max_size=30)
-)
+@given(dets=st.lists(detections(), max_size=5), first=st.none() | floats, raw=st.none() | st.text(max_size=30))
 def test_result_round_trip(dets: list[Detection], first: float | None, raw: str | None) -> None:
     result = DetectResult.model_validate(
         {

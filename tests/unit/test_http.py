@@ -34,9 +34,7 @@ async def test_json_detect(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
     assert r.status_code == 200
     body = r.json()
-    assert body["detections"] == [
-        {"label": "cat", "type": "box", "box": [0.0, 0.0, 999.0, 999.0], "score": None}
-    ]
+    assert body["detections"] == [{"label": "cat", "type": "box", "box": [0.0, 0.0, 999.0, 999.0], "score": None}]
     assert body["image"] == {"width": 999, "height": 999, "resized_width": 1008, "resized_height": 1008}
     assert body["request_id"] == r.headers["x-request-id"]
 

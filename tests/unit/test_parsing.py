@@ -24,8 +24,7 @@ def group(phrase: str, *coords: tuple[int, ...]) -> str:
 
 
 DETECTION_OUTPUT = (
-    ", ".join([group("person", (0, 35, 980, 987), (646, 0, 999, 940)), group("car", (10, 20, 30, 40))])
-    + "<|im_end|>"
+    ", ".join([group("person", (0, 35, 980, 987), (646, 0, 999, 940)), group("car", (10, 20, 30, 40))]) + "<|im_end|>"
 )
 KEYPOINT_OUTPUT = (
     '```json\n{"person1": {"bbox": " <1> <36> <987> <984> ", "keypoints": {"nose": " <540> <351> ", '

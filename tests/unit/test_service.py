@@ -65,10 +65,7 @@ async def test_prompt_and_resized_image_reach_the_engine() -> None:
     service, engine = await make_service()
     await service.detect(params(options={"max_pixels": 100 * 28 * 28}), IMAGE)
     request = engine.requests[-1]
-    assert (
-        request.task_text
-        == "Detect person, car. Output the bounding box coordinates in [x0, y0, x1, y1] format."
-    )
+    assert request.task_text == "Detect person, car. Output the bounding box coordinates in [x0, y0, x1, y1] format."
     assert request.image.size[0] * request.image.size[1] <= 100 * 28 * 28
     assert request.sampling.repetition_penalty == 1.05 and request.sampling.top_k == 1
 
@@ -99,9 +96,7 @@ async def test_not_ready_engine() -> None:
 
 async def test_queue_limit_rejects_with_retry_after() -> None:
     service, _ = await make_service(max_queue=2, delay=0.01)
-    results = await asyncio.gather(
-        *[service.detect(params(), IMAGE) for _ in range(3)], return_exceptions=True
-    )
+    results = await asyncio.gather(*[service.detect(params(), IMAGE) for _ in range(3)], return_exceptions=True)
     overloaded = [r for r in results if isinstance(r, Overloaded)]
     assert len(overloaded) == 1 and overloaded[0].retry_after_s
     assert sum(1 for r in results if not isinstance(r, Exception)) == 2
@@ -152,18 +147,14 @@ async def test_runaway_repetition_is_stopped_and_duplicates_dropped() -> None:
 async def test_repetition_guard_can_be_turned_off() -> None:
     output = box_group("person", *[(1, 2, 3, 4)] * 6)
     service, _ = await make_service()
-    result = await service.detect(
-        params(options={"forced_output": output, "stop_on_repetition": False}), IMAGE
-    )
+    result = await service.detect(params(options={"forced_output": output, "stop_on_repetition": False}), IMAGE)
     assert result.finish_reason == "stop" and result.duplicates == 5 and len(result.detections) == 1
 
 
 async def test_max_detections_stops_generation() -> None:
     output = box_group("person", *[(i, i, i + 9, i + 9) for i in range(50)])
     service, _ = await make_service()
-    events = [
-        e async for e in service.stream(params(options={"forced_output": output, "max_detections": 5}), IMAGE)
-    ]
+    events = [e async for e in service.stream(params(options={"forced_output": output, "max_detections": 5}), IMAGE)]
     done = events[-1]
     assert isinstance(done, DoneEvent)
     assert done.result.finish_reason == "max_detections" and len(done.result.detections) == 5
@@ -176,9 +167,7 @@ async def test_fan_out_splits_by_category_and_merges_in_category_order() -> None
     await engine.start()
     service = DetectionService(Settings(allow_forced_output=True), engine, "s")
     # "car" has fewer tokens, so it finishes first: the merged result is still person, car.
-    forced = (
-        box_group("person", (1, 1, 2, 2), (3, 3, 4, 4), (5, 5, 6, 6)) + ", " + box_group("car", (7, 7, 8, 8))
-    )
+    forced = box_group("person", (1, 1, 2, 2), (3, 3, 4, 4), (5, 5, 6, 6)) + ", " + box_group("car", (7, 7, 8, 8))
     events = [e async for e in service.stream(params(options={"forced_output": forced}), IMAGE)]
     done = events[-1]
     assert isinstance(done, DoneEvent)

@@ -40,9 +40,7 @@ def body(forced: str, categories: list[str] | None = None, **options: Any) -> di
 
 
 def expected_boxes(n: int, offset: int = 0) -> list[list[float]]:
-    return [
-        [(i + offset) / 999 * W, (i + 1) / 999 * H, (i + 50) / 999 * W, (i + 60) / 999 * H] for i in range(n)
-    ]
+    return [[(i + offset) / 999 * W, (i + 1) / 999 * H, (i + 50) / 999 * W, (i + 60) / 999 * H] for i in range(n)]
 
 
 async def test_engine_streams_forced_output_with_logprobs(vllm_runtime: Runtime) -> None:
@@ -59,9 +57,7 @@ async def test_engine_streams_forced_output_with_logprobs(vllm_runtime: Runtime)
 
 async def test_http_and_grpc_return_exact_detections_with_scores(vllm_servers: RunningServers) -> None:
     forced = forced_boxes(5)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120
-    ) as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120) as client:
         result = (await client.post("/v1/detect", json=body(forced))).json()
     assert [d["box"] for d in result["detections"]] == expected_boxes(5)
     assert all(0 < d["score"] <= 1 for d in result["detections"])
@@ -72,9 +68,7 @@ async def test_http_and_grpc_return_exact_detections_with_scores(vllm_servers: R
     assert [d.model_dump() for d in result_from_pb(response).detections] == result["detections"]
 
 
-async def test_concurrent_requests_run_in_one_batch(
-    vllm_servers: RunningServers, vllm_runtime: Runtime
-) -> None:
+async def test_concurrent_requests_run_in_one_batch(vllm_servers: RunningServers, vllm_runtime: Runtime) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     engine = vllm_runtime.engine
@@ -100,9 +94,7 @@ async def test_concurrent_requests_run_in_one_batch(
     watcher = asyncio.create_task(watch())
     url = f"http://127.0.0.1:{vllm_servers.http_port}"
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        results = await asyncio.gather(
-            *[client.post("/v1/detect", json=body(forced_boxes(40))) for _ in range(8)]
-        )
+        results = await asyncio.gather(*[client.post("/v1/detect", json=body(forced_boxes(40))) for _ in range(8)])
     done.set()
     await watcher
     assert all(len(r.json()["detections"]) == 40 for r in results)
@@ -156,9 +148,7 @@ async def test_metrics_endpoint_includes_vllm_metrics(vllm_servers: RunningServe
         text = (await client.get("/metrics")).text
     assert "rexomni_requests_total" in text and "vllm:num_requests_running" in text
     assert (
-        json.loads((await httpx.AsyncClient().get(f"http://127.0.0.1:{vllm_servers.http_port}/health")).text)[
-            "engine"
-        ]
+        json.loads((await httpx.AsyncClient().get(f"http://127.0.0.1:{vllm_servers.http_port}/health")).text)["engine"]
         == "vllm"
     )
 
@@ -177,9 +167,7 @@ async def test_the_model_sees_our_resize_not_the_processors(
         "categories": ["person"],
         "options": {"forced_output": forced_boxes(1), "max_pixels": 4_000_000},
     }
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120
-    ) as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120) as client:
         too_long = await client.post("/v1/detect", json=request)
         request["options"]["max_pixels"] = 2_600_000  # type: ignore[index]
         result = (await client.post("/v1/detect", json=request)).json()

@@ -95,9 +95,7 @@ class _CancelCriteria:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.full(
-            (input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def coordinate_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -239,9 +237,7 @@ class TransformersEngine:
             self._cancel.pop(request.request_id, None)
 
     # -- worker thread ----------------------------------------------------------------------
-    def _generate(
-        self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]
-    ) -> None:
+    def _generate(self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]) -> None:
         try:
             if cancel.is_set():
                 emit(_Finished("abort"))
@@ -251,9 +247,7 @@ class TransformersEngine:
             log.exception("generation %s failed", request.request_id)
             emit(_Failed(exc))
 
-    def _run(
-        self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]
-    ) -> _Finished:
+    def _run(self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]) -> _Finished:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 

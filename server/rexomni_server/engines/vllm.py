@@ -70,9 +70,7 @@ def engine_args(model_path: str, settings: Settings) -> Any:
         limit_mm_per_prompt={"image": 1, "video": 0},
         # Our images are already resized; bounds this wide make the processor's resize a no-op.
         # (`size` is the current spelling; min_pixels/max_pixels are deprecated in transformers.)
-        mm_processor_kwargs={
-            "size": {"shortest_edge": PIXEL_UNIT, "longest_edge": settings.max_pixels_limit}
-        },
+        mm_processor_kwargs={"size": {"shortest_edge": PIXEL_UNIT, "longest_edge": settings.max_pixels_limit}},
         logits_processors=processors,
         disable_log_stats=False,  # keeps the vllm:* Prometheus metrics
     )

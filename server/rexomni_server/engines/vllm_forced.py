@@ -19,9 +19,7 @@ class ForcedOutputProcessor(AdapterLogitsProcessor):  # type: ignore[misc]
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax
 
-    def new_req_logits_processor(
-        self, params: Any
-    ) -> Callable[[list[int], torch.Tensor], torch.Tensor] | None:
+    def new_req_logits_processor(self, params: Any) -> Callable[[list[int], torch.Tensor], torch.Tensor] | None:
         extra = params.extra_args or {}
         forced: list[int] | None = extra.get("forced_token_ids")
         if forced is None:

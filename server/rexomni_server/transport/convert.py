@@ -101,9 +101,7 @@ def detection_to_pb(d: DetectionModel) -> Any:
         out.polygon.CopyFrom(pb.Polygon(points=[pb.Point(x=x, y=y) for x, y in d.polygon]))
     else:
         keypoints = [
-            pb.Keypoint(name=name, point=pb.Point(x=xy[0], y=xy[1]))
-            if xy is not None
-            else pb.Keypoint(name=name)
+            pb.Keypoint(name=name, point=pb.Point(x=xy[0], y=xy[1])) if xy is not None else pb.Keypoint(name=name)
             for name, xy in d.keypoints.items()
         ]
         out.keypoints.CopyFrom(pb.Keypoints(box=_box(d.box), keypoints=keypoints))
@@ -120,12 +118,8 @@ def detection_from_pb(d: Any) -> DetectionModel:
     if kind == "polygon":
         return PolygonDetection(label=d.label, score=score, polygon=[[p.x, p.y] for p in d.polygon.points])
     if kind == "keypoints":
-        keypoints = {
-            k.name: ([k.point.x, k.point.y] if k.HasField("point") else None) for k in d.keypoints.keypoints
-        }
-        return KeypointsDetection(
-            label=d.label, score=score, box=_box_values(d.keypoints.box), keypoints=keypoints
-        )
+        keypoints = {k.name: ([k.point.x, k.point.y] if k.HasField("point") else None) for k in d.keypoints.keypoints}
+        return KeypointsDetection(label=d.label, score=score, box=_box_values(d.keypoints.box), keypoints=keypoints)
     raise ValueError("detection without geometry")
 
 
@@ -170,9 +164,7 @@ def result_from_pb(r: Any) -> DetectResult:
         usage=Usage(prompt_tokens=r.usage.prompt_tokens, completion_tokens=r.usage.completion_tokens),
         timings=Timings(
             queue_ms=r.timings.queue_ms,
-            first_detection_ms=r.timings.first_detection_ms
-            if r.timings.HasField("first_detection_ms")
-            else None,
+            first_detection_ms=r.timings.first_detection_ms if r.timings.HasField("first_detection_ms") else None,
             total_ms=r.timings.total_ms,
         ),
         raw_output=r.raw_output if r.HasField("raw_output") else None,

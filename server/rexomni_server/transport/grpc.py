@@ -62,9 +62,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    async def _begin(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> tuple[Any, bytes, str, float | None]:
+    async def _begin(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, bytes, str, float | None]:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID_KEY, "")).strip()[:128] or new_request_id()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
@@ -120,9 +118,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
 
 def _validation_message(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()
-        )
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
     return str(exc)
 
 
@@ -156,9 +152,7 @@ class GrpcServer:
         self._watcher = asyncio.create_task(self._watch_readiness())
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

@@ -84,15 +84,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RexOmniError)
         if not exc.accounted:
             _account(request, exc.code)
-        return error_response(
-            http_status(exc), exc.code, exc.message, request_id_of(request), exc.retry_after_s
-        )
+        return error_response(http_status(exc), exc.code, exc.message, request_id_of(request), exc.retry_after_s)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, (RequestValidationError, ValidationError)) else []
         message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'request'}: {e.get('msg')}"
-            for e in errors
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'request'}: {e.get('msg')}" for e in errors
         )
         _account(request, InvalidRequest.code)
         return error_response(422, "invalid_request", message or str(exc), request_id_of(request))
@@ -208,17 +205,13 @@ def build_router() -> APIRouter:
     async def detect_json(body: DetectRequest, request: Request) -> DetectResult:
         """Detect with a JSON body; the image is base64 or a data URI."""
         image = decode_base64_image(body.image)
-        return await _runtime(request).service.detect(
-            body, image, request_id=request_id_of(request), transport="http"
-        )
+        return await _runtime(request).service.detect(body, image, request_id=request_id_of(request), transport="http")
 
     @router.post("/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
     async def detect_multipart(request: Request, form: Annotated[MultipartForm, Depends()]) -> DetectResult:
         """Detect with a multipart upload (``curl -F image=@photo.jpg -F categories=person,car``)."""
         params, data = await form.parse(_runtime(request).settings.max_image_bytes)
-        return await _runtime(request).service.detect(
-            params, data, request_id=request_id_of(request), transport="http"
-        )
+        return await _runtime(request).service.detect(params, data, request_id=request_id_of(request), transport="http")
 
     @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
     async def detect_stream_json(body: DetectRequest, request: Request) -> EventSourceResponse:

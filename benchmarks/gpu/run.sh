@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared GPU run: for an H100/H200 machine that has PyTorch and transformers but no
+# network. Brings only small pure-Python wheels (benchmarks/gpu/wheels, made by
+# fetch_wheels.sh, ignored by git), builds Rex-Omni's 3B architecture with random BF16 weights,
+# runs the tests marked `gpu` and the benchmarks, and writes everything to one folder.
+#
+#   OUT=out/gpu bash benchmarks/gpu/run.sh            # on the GPU machine, from the repo root
+#   MODEL=3b-small DEVICE=cpu bash benchmarks/gpu/run.sh   # dry run on a CPU
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-out/gpu}
+MODEL=${MODEL:-3b}
+DEVICE=${DEVICE:-auto}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/server:$PWD/client:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/run.log"; }
+
+log "environment"
+{ date -u; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; $PY -c "import sys, torch, transformers; print(sys.version); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''); print('transformers', transformers.__version__)"; } > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+if [ -d benchmarks/gpu/wheels ]; then
+  log "installing carried wheels (never torch or transformers)"
+  $PY -m pip install --quiet --no-index --find-links benchmarks/gpu/wheels --no-deps benchmarks/gpu/wheels/*.whl >> "$OUT/run.log" 2>&1 || echo "some wheels did not install (see run.log)"
+fi
+
+status=0
+log "tests marked gpu"
+$PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest-gpu.txt" || status=1
+
+log "decode speed vs the memory-bandwidth limit"
+timeout 240 $PY -m benchmarks.gpu.decode_limit --model "$MODEL" --device "$DEVICE" --out "$OUT" 2>>"$OUT/run.log" | tee "$OUT/decode_limit.txt" || status=1
+
+log "latency vs boxes (engine, HTTP, gRPC)"
+timeout 240 $PY -m benchmarks.latency_vs_boxes --engine transformers --model "$MODEL" --out "$OUT" \
+  --boxes ${BOXES:-0 1 5 10 25 50 100 200 400} 2>>"$OUT/run.log" | tee "$OUT/latency_vs_boxes.txt" || status=1
+
+log "done (status $status)"
+exit $status

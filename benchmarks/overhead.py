@@ -1,0 +1,186 @@
+"""Per-request overhead of our servers: HTTP and gRPC vs calling the engine directly, and (with
+vLLM installed) vs vLLM's own OpenAI-compatible server plus client-side parsing.
+
+    .venv-vllm/bin/python -m benchmarks.overhead --engine vllm
+    .venv/bin/python -m benchmarks.overhead --engine transformers      # no `vllm serve` column
+
+Same forced output (``--boxes`` boxes), same pre-resized image, unary calls, median of
+``--repeats``. `vllm serve` runs on the same tiny checkpoint with our forced-output logits
+processor (passed through ``vllm_xargs``) after our engine has been stopped, so the two never
+share the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import httpx
+
+from benchmarks.common import Bench, b64, jpeg_bytes, realistic_forced, start_bench
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.engines.base import EngineRequest, SamplingConfig
+from rexomni_server.engines.forced import forced_token_ids
+from rexomni_server.parsing import parse_output
+from rexomni_server.prompts import STOP_TOKEN, SYSTEM_PROMPT, build_task_text
+from rexomni_server.schemas import DetectParams
+from rexomni_server.serve import start_servers
+from rexomni_server.tasks import Task
+from rexomni_server.transport.convert import params_to_pb
+
+W, H = 644, 476  # already a smart_resize size: no path resizes again
+
+
+async def timed(repeats: int, call: Callable[[], Awaitable[int]]) -> tuple[float, int]:
+    await call()  # warm-up
+    times, count = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = await call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, count
+
+
+async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced: str) -> dict[str, tuple[float, int]]:
+    servers = await start_servers(bench.runtime, "127.0.0.1", 0, 0)
+    params = DetectParams.model_validate({"categories": ["objects"], "options": {"forced_output": forced}})
+    body = {"image": b64(image), **params.model_dump(mode="json")}
+    import io
+
+    from PIL import Image
+
+    pil = Image.open(io.BytesIO(image)).convert("RGB")
+    text = build_task_text(Task.DETECTION, ["objects"])
+
+    async def engine() -> int:
+        request = EngineRequest("overhead", text, pil, SamplingConfig(4096, 0.0, 0.8, 1, 1.05), forced)
+        out = "".join([e.text async for e in bench.runtime.engine.stream(request)])
+        return len(parse_output(Task.DETECTION, out, W, H)[0])
+
+    results: dict[str, tuple[float, int]] = {}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=300) as client,
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers.grpc_port}") as channel,
+        ):
+            stub = pb_grpc.DetectorStub(channel)
+
+            async def http() -> int:
+                return len((await client.post("/v1/detect", json=body)).json()["detections"])
+
+            async def grpc_call() -> int:
+                return len((await stub.Detect(params_to_pb(params, image))).detections)
+
+            results["engine direct (+ parse)"] = await timed(args.repeats, engine)
+            results["our HTTP /v1/detect"] = await timed(args.repeats, http)
+            results["our gRPC Detect"] = await timed(args.repeats, grpc_call)
+    finally:
+        await servers.stop(0)
+        await bench.runtime.stop()  # the engine goes; its checkpoint stays for `vllm serve`
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes, forced: str) -> tuple[float, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--port", str(port),
+        "--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
+        "--logits-processors", "rexomni_server.engines.vllm_forced:ForcedOutputProcessor",
+        "--mm-processor-kwargs", '{"size": {"shortest_edge": 784, "longest_edge": 12845056}}',
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(1)
+            body: dict[str, Any] = {
+                "model": model_dir,
+                "messages": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": f"data:image/jpeg;base64,{b64(image)}"},
+                            },
+                            {"type": "text", "text": build_task_text(Task.DETECTION, ["objects"])},
+                        ],
+                    },
+                ],
+                "max_tokens": 4096,
+                "temperature": 0,
+                "top_p": 0.8,
+                "top_k": 1,
+                "repetition_penalty": 1.05,
+                "skip_special_tokens": False,
+                "vllm_xargs": {
+                    "forced_token_ids": forced_token_ids(tokenizer, forced),
+                    "forced_eos_id": tokenizer.convert_tokens_to_ids(STOP_TOKEN),
+                },
+            }
+
+            async def call() -> int:
+                response = await client.post("/v1/chat/completions", json=body)
+                response.raise_for_status()
+                text = response.json()["choices"][0]["message"]["content"]
+                return len(parse_output(Task.DETECTION, text, W, H)[0])  # the client's parsing
+
+            return await timed(args.repeats, call)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+async def run(args: argparse.Namespace) -> None:
+    image = jpeg_bytes(W, H)
+    forced = realistic_forced(args.boxes)
+    bench = await start_bench(args.engine, "tiny")
+    try:
+        results = await our_paths(args, bench, image, forced)
+        if args.engine == "vllm":
+            model_dir = str(bench.runtime.settings.model)
+            results["vllm serve + client parse"] = await vllm_serve_path(args, model_dir, image, forced)
+    finally:
+        await bench.close()
+    base = results["engine direct (+ parse)"][0]
+    print(f"{args.engine} engine, tiny model; {args.boxes} forced boxes, unary, median of {args.repeats}")
+    print(f"{'path':<28} {'ms':>8} {'boxes':>6} {'overhead ms':>12} {'share':>7}")
+    for name, (ms, boxes) in results.items():
+        print(f"{name:<28} {ms:>8.1f} {boxes:>6} {ms - base:>12.1f} {(ms - base) / ms:>7.1%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    ap.add_argument("--boxes", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=7)
+    asyncio.run(run(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

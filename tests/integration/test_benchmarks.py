@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end (tiny sizes, CPU) and write what they promise.
+No timing is asserted: speed claims live in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> str:
+    proc = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_latency_vs_boxes_writes_json_and_plot(tmp_path: Path) -> None:
+    out = run([sys.executable, "-m", "benchmarks.latency_vs_boxes", "--boxes", "0", "2", "6", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "latency_vs_boxes.json").read_text())
+    assert set(report["results"]) == {"engine", "http", "grpc"}
+    assert report["results"]["http"]["6"]["tokens"] > report["results"]["http"]["2"]["tokens"]
+    assert (tmp_path / "latency_vs_boxes.png").stat().st_size > 10_000
+    assert "ms/box" in out
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    env = {"OUT": str(tmp_path), "MODEL": "3b-small", "DEVICE": "cpu", "BOXES": "0 1 3", "PYTHON": sys.executable}
+    run(["bash", "benchmarks/gpu/run.sh"], env=env, timeout=600)
+    decode = json.loads((tmp_path / "decode_limit.json").read_text())
+    assert decode["device"] == "cpu" and decode["limit_ms_per_token"] > 0
+    assert decode["fast_decode_on"]["tokens"] > 10 and decode["fast_decode_off"]["ratio_to_limit"] > 0
+    assert (tmp_path / "latency_vs_boxes.json").exists()
+    assert "skipped" in (tmp_path / "pytest-gpu.txt").read_text()  # no CUDA here: the gpu tests skip
