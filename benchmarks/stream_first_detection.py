@@ -1,6 +1,6 @@
 """Time to first detection vs time to the full result, over SSE and gRPC (tiny model, CPU).
 
-    .venv/bin/python benchmarks/stream_first_detection.py [--boxes 50] [--repeats 5]
+    .venv/bin/python -m benchmarks.stream_first_detection [--boxes 50] [--repeats 5]
 
 Starts a real uvicorn and a real grpc.aio server on loopback over one transformers engine
 with the tiny random checkpoint, forces an N-box output, and for each transport reports the
@@ -21,6 +21,7 @@ import time
 import grpc
 import httpx
 
+from benchmarks.common import jpeg_bytes, single_label_forced
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
@@ -28,21 +29,6 @@ from rexomni_server.serve import start_servers
 from rexomni_server.settings import Settings
 from rexomni_server.tiny import make_tiny_model
 from rexomni_server.transport.convert import params_to_pb
-
-
-def forced_boxes(n: int) -> str:
-    boxes = ", ".join(f"<{i % 900}><{i % 700}><{i % 900 + 60}><{i % 700 + 80}>" for i in range(n))
-    return f"<|object_ref_start|>person<|object_ref_end|><|box_start|>{boxes}<|box_end|>"
-
-
-def png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (40, 80, 120)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 async def sse_once(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, float, int]:
@@ -80,8 +66,8 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
         runtime = Runtime(Settings(model=tmp, engine="transformers", allow_forced_output=True))
         await runtime.engine.start()
         servers = await start_servers(runtime, "127.0.0.1", 0, 0)
-        image = png()
-        forced = forced_boxes(n_boxes)
+        image = jpeg_bytes()
+        forced = single_label_forced("person", n_boxes)
         body = {
             "image": base64.b64encode(image).decode(),
             "categories": ["person"],
