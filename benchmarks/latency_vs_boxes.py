@@ -169,7 +169,6 @@ def main() -> None:
     report = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "latency_vs_boxes.json", report)
-    plot(report, args.out / "latency_vs_boxes.png")
     print(f"{report['bench']}: latency vs boxes (median of {args.repeats})")
     print(f"{'boxes':>6} {'tokens':>7} " + " ".join(f"{p + ' first/total ms':>24}" for p in report["results"]))
     for n in args.boxes:
@@ -181,7 +180,11 @@ def main() -> None:
             f"{path:<7} slope {fit['ms_per_box']:.2f} ms/box, intercept {fit['intercept_ms']:.0f} ms, "
             f"{fit['ms_per_token']:.2f} ms/token"
         )
-    print(f"\nwrote {args.out / 'latency_vs_boxes.json'} and {args.out / 'latency_vs_boxes.png'}")
+    try:
+        plot(report, args.out / "latency_vs_boxes.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'rexomni[bench]')")
+    print(f"\nwrote {args.out}/latency_vs_boxes.json (+ .png)")
 
 
 if __name__ == "__main__":
