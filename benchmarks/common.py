@@ -8,8 +8,10 @@ import io
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -118,6 +120,37 @@ async def start_bench(engine: str, model: str = "tiny", device: str = "auto", **
     runtime = Runtime(config, engine=engine_obj, model_label=f"random-{model} ({dtype_name})")
     await runtime.engine.start()
     return Bench(runtime, f"transformers, {model} random {dtype_name} on {resolved_device}", weight_bytes)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Client-side timing of one streamed request (seconds)."""
+
+    first: float  # to the first detection (= total when there was none)
+    total: float
+    detections: int
+    tokens: int
+
+
+async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
+    """POST /v1/detect/stream and time the first `detection` event and the `done` event."""
+    import json
+
+    start = time.perf_counter()
+    first = None
+    done: dict[str, Any] = {}
+    async with client.stream("POST", "/v1/detect/stream", json=body) as response:
+        response.raise_for_status()
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "detection":
+                first = first or time.perf_counter()
+            elif line.startswith("data:") and event == "done":
+                done = json.loads(line[5:])
+    end = time.perf_counter()
+    return Timing((first or end) - start, end - start, len(done["detections"]), done["usage"]["completion_tokens"])
 
 
 def write_json(path: Path, payload: object) -> None:

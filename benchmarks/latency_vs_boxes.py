@@ -23,7 +23,7 @@ import grpc
 import httpx
 import numpy as np
 
-from benchmarks.common import Bench, b64, jpeg_bytes, realistic_forced, start_bench, write_json
+from benchmarks.common import Bench, b64, jpeg_bytes, realistic_forced, sse_detect, start_bench, write_json
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
 from rexomni_server.images import prepare_image
@@ -59,22 +59,8 @@ async def engine_once(bench: Bench, image: bytes, forced: str) -> Sample:
 
 
 async def http_once(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", "/v1/detect/stream", json=body) as response:
-        event = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "detection" and first is None:
-                first = time.perf_counter()
-            elif line.startswith("data:") and event == "done":
-                import json
-
-                tokens = json.loads(line[5:])["usage"]["completion_tokens"]
-    total = time.perf_counter() - start
-    return {"first": (first or start + total) - start, "total": total, "tokens": tokens}
+    timing = await sse_detect(client, body)
+    return {"first": timing.first, "total": timing.total, "tokens": timing.tokens}
 
 
 async def grpc_once(stub: Any, request: Any) -> Sample:

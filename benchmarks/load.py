@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from typing import Any
 
 import httpx
 
-from benchmarks.common import b64, jpeg_bytes, realistic_forced, single_label_forced, start_bench
+from benchmarks.common import b64, jpeg_bytes, realistic_forced, single_label_forced, sse_detect, start_bench
 from rexomni_server.serve import start_servers
 
 CATEGORIES = ["person", "car", "dog", "chair"]
@@ -30,24 +29,6 @@ CATEGORIES = ["person", "car", "dog", "chair"]
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-async def sse_request(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    first = None
-    boxes = 0
-    async with client.stream("POST", "/v1/detect/stream", json=body) as response:
-        response.raise_for_status()
-        event = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "detection":
-                first = first or time.perf_counter()
-            elif line.startswith("data:") and event == "done":
-                boxes = len(json.loads(line[5:])["detections"])
-    end = time.perf_counter()
-    return end - start, (first or end) - start, boxes
 
 
 async def level(client: httpx.AsyncClient, body: dict[str, Any], total: int, concurrency: int) -> dict[str, float]:
@@ -60,10 +41,10 @@ async def level(client: httpx.AsyncClient, body: dict[str, Any], total: int, con
         nonlocal boxes
         while queue:
             queue.pop()
-            latency, first, n = await sse_request(client, body)
-            latencies.append(latency)
-            firsts.append(first)
-            boxes += n
+            timing = await sse_detect(client, body)
+            latencies.append(timing.total)
+            firsts.append(timing.first)
+            boxes += timing.detections
 
     start = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -97,11 +78,9 @@ async def run(args: argparse.Namespace) -> None:
             for _ in range(args.fan_repeats):
                 for name, fan_out in (("single prompt", False), ("fan-out", True)):
                     options = {"forced_output": forced, "fan_out": fan_out}
-                    latency, _, n = await sse_request(
-                        client, {"image": image, "categories": CATEGORIES, "options": options}
-                    )
-                    assert n == args.fan_boxes * len(CATEGORIES), n
-                    fan[name].append(latency)
+                    timing = await sse_detect(client, {"image": image, "categories": CATEGORIES, "options": options})
+                    assert timing.detections == args.fan_boxes * len(CATEGORIES), timing
+                    fan[name].append(timing.total)
     finally:
         await servers.stop(0)
         await bench.close()

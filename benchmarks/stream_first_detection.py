@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ import time
 import grpc
 import httpx
 
-from benchmarks.common import jpeg_bytes, single_label_forced
+from benchmarks.common import jpeg_bytes, single_label_forced, sse_detect
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
@@ -32,21 +31,8 @@ from rexomni_server.transport.convert import params_to_pb
 
 
 async def sse_once(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    first = None
-    count = 0
-    async with client.stream("POST", "/v1/detect/stream", json=body) as response:
-        event = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "detection":
-                first = first or time.perf_counter()
-                count += 1
-            elif line.startswith("data:") and event == "done":
-                json.loads(line[5:])
-                break
-    return (first or time.perf_counter()) - start, time.perf_counter() - start, count
+    timing = await sse_detect(client, body)
+    return timing.first, timing.total, timing.detections
 
 
 async def grpc_once(stub: pb_grpc.DetectorStub, request: object) -> tuple[float, float, int]:
