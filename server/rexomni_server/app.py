@@ -9,10 +9,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rexomni_server import __version__
+from rexomni_server.errors import ImageTooLarge
 from rexomni_server.runtime import Runtime
 from rexomni_server.service import new_request_id
 from rexomni_server.settings import Settings
-from rexomni_server.transport.http import REQUEST_ID_HEADER, build_router, install_error_handlers
+from rexomni_server.transport.http import REQUEST_ID_HEADER, build_router, error_response, install_error_handlers
 
 
 class RequestIdMiddleware:
@@ -39,6 +40,55 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes`` before they are read into memory: by the
+    Content-Length header when there is one, else by counting the streamed chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+        rejected = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, rejected
+            message = await receive()
+            if message["type"] == "http.request" and not rejected:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Answer 413 now and tell the app the client left, so it stops reading.
+                    rejected = True
+                    await self._reject(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not rejected:  # the 413 already went out
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = scope.get("state", {}).get("request_id")
+        message = f"request body is larger than {self.max_bytes} bytes"
+        response = error_response(413, ImageTooLarge.code, message, request_id)
+        await response(scope, receive, send)
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest useful body: a base64 image at the byte limit, plus room for the fields."""
+    return settings.max_image_bytes * 4 // 3 + (1 << 20)
 
 
 def create_app(
@@ -68,5 +118,6 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(build_router())
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(settings))
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids reach every response
     return app

@@ -146,3 +146,20 @@ async def test_not_ready_is_503_with_retry_after() -> None:
         r = await c.post("/v1/detect", json={"image": B64, "categories": ["a"]})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert r.json()["error"]["code"] == "engine_not_ready"
+
+
+async def test_oversized_bodies_are_refused_before_being_read(client: httpx.AsyncClient) -> None:
+    # max_image_bytes 200_000 in this fixture: the body limit is ~1.3 MB (base64 + fields).
+    huge = b"x" * 2_000_000
+    r = await client.post("/v1/detect", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    assert r.headers["x-request-id"]
+
+    async def chunks():  # no Content-Length: counted as it streams
+        for _ in range(40):
+            yield b"y" * 50_000
+
+    r = await client.post("/v1/detect", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    ok = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
+    assert ok.status_code == 200
