@@ -69,6 +69,11 @@ class DetectOptions(_Strict):
         default=True,
         description="Stop when the model repeats boxes it already gave (its known runaway failure).",
     )
+    scores: bool = Field(
+        default=True,
+        description="Score every detection from its coordinate tokens' log-probabilities "
+        "(costs the engine a log-probability per token; off leaves score null).",
+    )
     fan_out: bool | None = Field(
         default=None,
         description="One engine request per category, run concurrently and merged in category "

@@ -224,6 +224,7 @@ class DetectionService:
                     image=image.resized,
                     sampling=sampling,
                     forced_output=forced,
+                    logprobs=params.options.scores,
                 )
                 for i, (text, forced) in enumerate(texts)
             ]

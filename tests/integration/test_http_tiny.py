@@ -58,6 +58,13 @@ async def test_detection(tiny_client: httpx.AsyncClient, tiny_runtime: Runtime) 
     assert usage["prompt_tokens"] > 600
 
 
+async def test_scores_can_be_turned_off(tiny_client: httpx.AsyncClient) -> None:
+    forced = "<|object_ref_start|>cup<|object_ref_end|><|box_start|><1><2><3><4><|box_end|>"
+    body = {"image": IMAGE, "categories": ["cup"], "options": {"forced_output": forced, "scores": False}}
+    result = (await tiny_client.post("/v1/detect", json=body)).json()
+    assert [d["score"] for d in result["detections"]] == [None]
+
+
 async def test_pointing(tiny_client: httpx.AsyncClient) -> None:
     forced = "<|object_ref_start|>cup<|object_ref_end|><|box_start|><500><250>, <10><990><|box_end|>"
     result = await detect(tiny_client, forced, task="pointing", categories="cup")

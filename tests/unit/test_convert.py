@@ -63,6 +63,10 @@ def test_params_round_trip(task: Task) -> None:
                 "max_pixels": 50000,
                 "return_raw_output": True,
                 "forced_output": "x",
+                "max_detections": 9,
+                "stop_on_repetition": False,
+                "fan_out": True,
+                "scores": False,
             },
         }
     )

@@ -130,6 +130,9 @@ async def test_scores_are_the_geometric_mean_coordinate_probability() -> None:
     service = DetectionService(Settings(), engine, "s")
     result = await service.detect(params(), IMAGE)
     assert [d.score for d in result.detections] == [pytest.approx(math.exp(-0.5))] * 3
+    unscored = await service.detect(params(options={"scores": False}), IMAGE)
+    assert [d.score for d in unscored.detections] == [None] * 3
+    assert engine.requests[-1].logprobs is False
 
 
 async def test_runaway_repetition_is_stopped_and_duplicates_dropped() -> None:

@@ -61,6 +61,10 @@ async def test_http_and_grpc_return_exact_detections_with_scores(vllm_servers: R
         result = (await client.post("/v1/detect", json=body(forced))).json()
     assert [d["box"] for d in result["detections"]] == expected_boxes(5)
     assert all(0 < d["score"] <= 1 for d in result["detections"])
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{vllm_servers.http_port}", timeout=120) as client:
+        unscored = (await client.post("/v1/detect", json=body(forced, scores=False))).json()
+    assert [d["score"] for d in unscored["detections"]] == [None] * 5
+    assert [d["box"] for d in unscored["detections"]] == expected_boxes(5)
     assert result["finish_reason"] == "stop" and not result["truncated"]
     params = DetectParams.model_validate({"categories": ["person"], "options": {"forced_output": forced}})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{vllm_servers.grpc_port}") as channel:

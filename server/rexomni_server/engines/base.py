@@ -32,6 +32,7 @@ class EngineRequest:
     image: Image.Image  # already resized to the smart_resize size
     sampling: SamplingConfig
     forced_output: str | None = None  # tests/benchmarks: the exact output to produce
+    logprobs: bool = True  # report coordinate-token log-probabilities (for scores)
 
 
 @dataclass(frozen=True)

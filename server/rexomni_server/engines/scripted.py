@@ -69,6 +69,7 @@ class ScriptedEngine:
             if self._delay:
                 await asyncio.sleep(self._delay)
             is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
-            logprobs = (self._coordinate_logprob,) if is_coordinate and self._coordinate_logprob is not None else ()
+            logprob = self._coordinate_logprob
+            logprobs = (logprob,) if is_coordinate and request.logprobs and logprob is not None else ()
             yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
         yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")

@@ -261,7 +261,7 @@ class TransformersEngine:
         emit(_Started(prompt_length))
 
         recorder = _LogprobRecorder()
-        processors = LogitsProcessorList([recorder])
+        processors = LogitsProcessorList([recorder] if request.logprobs else [])
         if request.forced_output is not None:
             forced = forced_token_ids(self._tokenizer, request.forced_output)
             processors.append(ForcedOutputLogitsProcessor(forced, prompt_length, self._eos_id))

@@ -145,7 +145,7 @@ class VllmEngine:
             skip_special_tokens=False,  # the grammar's markers are special tokens
             spaces_between_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
-            logprobs=0,  # the sampled token's log-probability
+            logprobs=0 if request.logprobs else None,  # the sampled token's log-probability
             extra_args=extra,
         )
 

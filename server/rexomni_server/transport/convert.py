@@ -49,7 +49,9 @@ def _box_values(box: Any) -> list[float]:
 # ---- requests -------------------------------------------------------------------------------
 def params_to_pb(params: DetectParams, image: bytes) -> Any:
     o = params.options
-    options = pb.DetectOptions(return_raw_output=o.return_raw_output, stop_on_repetition=o.stop_on_repetition)
+    options = pb.DetectOptions(
+        return_raw_output=o.return_raw_output, stop_on_repetition=o.stop_on_repetition, scores=o.scores
+    )
     for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output", "max_detections", "fan_out"):
         if getattr(o, name) is not None:
             setattr(options, name, getattr(o, name))
@@ -75,6 +77,7 @@ def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
         max_detections=o.max_detections if o.HasField("max_detections") else None,
         stop_on_repetition=o.stop_on_repetition if o.HasField("stop_on_repetition") else True,
         fan_out=o.fan_out if o.HasField("fan_out") else None,
+        scores=o.scores if o.HasField("scores") else True,
     )
     params = DetectParams.model_validate(
         {
