@@ -58,6 +58,7 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
     servers = await start_servers(bench.runtime, "127.0.0.1", 0, 0)
     params = DetectParams.model_validate({"categories": ["objects"], "options": {"forced_output": forced}})
     body = {"image": b64(image), **params.model_dump(mode="json")}
+    unscored_body = {**body, "options": {**body["options"], "scores": False}}
     import io
 
     from PIL import Image
@@ -80,10 +81,18 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
             async def http() -> int:
                 return len((await client.post("/v1/detect", json=body)).json()["detections"])
 
+            async def http_unscored() -> int:
+                return len((await client.post("/v1/detect", json=unscored_body)).json()["detections"])
+
             async def grpc_call() -> int:
                 return len((await stub.Detect(params_to_pb(params, image))).detections)
 
-            calls = {"engine direct (+ parse)": engine, "our HTTP /v1/detect": http, "our gRPC Detect": grpc_call}
+            calls = {
+                "engine direct (+ parse)": engine,
+                "our HTTP /v1/detect": http,
+                "our gRPC Detect": grpc_call,
+                "our HTTP, scores off": http_unscored,
+            }
             results = await timed(args.repeats, calls)
     finally:
         await servers.stop(0)
