@@ -66,18 +66,10 @@ def _params(args: argparse.Namespace) -> Any:
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
-    from rexomni_server.prompts import build_task_text
+    from rexomni_server.prompts import task_text_for
 
-    params = _params(args)
     size = (args.width, args.height) if args.width and args.height else None
-    text = build_task_text(
-        params.task,
-        params.categories,
-        keypoint_type=params.keypoint_type,
-        visual_prompt_boxes=params.visual_prompt_boxes,
-        image_size=size,
-    )
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(task_text_for(_params(args), size) + "\n")
     return 0
 
 

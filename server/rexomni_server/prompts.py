@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rexomni_server.coords import bin_token, to_bin
 from rexomni_server.errors import InvalidRequest
+from rexomni_server.schemas import DetectParams
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS, Task
 
 SYSTEM_PROMPT = "You are a helpful assistant"
@@ -52,6 +53,17 @@ def build_task_text(
             raise InvalidRequest(f"task 'keypoint' needs keypoint_type, one of {sorted(KEYPOINT_SETS)}")
         return spec.template.format(categories=joined, keypoints=", ".join(KEYPOINT_SETS[keypoint_type]))
     return spec.template.format(categories=joined)
+
+
+def task_text_for(params: DetectParams, image_size: tuple[int, int] | None) -> str:
+    """The task text of a validated request (the image size encodes visual prompts)."""
+    return build_task_text(
+        params.task,
+        params.categories,
+        keypoint_type=params.keypoint_type,
+        visual_prompt_boxes=params.visual_prompt_boxes,
+        image_size=image_size,
+    )
 
 
 def build_chat_prompt(task_text: str, image_tokens: int = 1) -> str:

@@ -19,7 +19,7 @@ from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout, RexOmniError
 from rexomni_server.images import FACTOR, ImageLimits, load_and_prepare
 from rexomni_server.metrics import Metrics
-from rexomni_server.prompts import build_task_text
+from rexomni_server.prompts import build_task_text, task_text_for
 from rexomni_server.schemas import (
     DetectionModel,
     DetectParams,
@@ -156,14 +156,7 @@ class DetectionService:
         for that category (tests and benchmarks of fan-out need per-category outputs)."""
         forced = params.options.forced_output
         if not self.fans_out(params):
-            text = build_task_text(
-                params.task,
-                params.categories,
-                keypoint_type=params.keypoint_type,
-                visual_prompt_boxes=params.visual_prompt_boxes,
-                image_size=image_size,
-            )
-            return [(text, forced)]
+            return [(task_text_for(params, image_size), forced)]
         per_category = split_forced_by_category(forced, params.categories) if forced is not None else None
         return [
             (build_task_text(params.task, [category]), per_category[i] if per_category else None)
