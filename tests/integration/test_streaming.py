@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -54,6 +55,17 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[
             event = ""
 
 
+@contextlib.contextmanager
+def overridden_settings(runtime: Runtime, **update: Any) -> Iterator[None]:
+    """Run with some service settings changed, restoring them afterwards."""
+    original = runtime.service.settings
+    runtime.service.settings = original.model_copy(update=update)
+    try:
+        yield
+    finally:
+        runtime.service.settings = original
+
+
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -97,15 +109,10 @@ async def test_sse_multipart_and_errors(live_servers: tuple[str, str]) -> None:
 
 async def test_sse_error_event_after_acceptance(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     url, _ = live_servers
-    service = tiny_runtime.service
-    original = service.settings
-    service.settings = original.model_copy(update={"request_timeout_s": 0.2})
-    try:
+    with overridden_settings(tiny_runtime, request_timeout_s=0.2):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             async with client.stream("POST", "/v1/detect/stream", json=body(forced_boxes(400))) as response:
                 events = [(kind, data) async for kind, data, _ in sse_events(response)]
-    finally:
-        service.settings = original
     assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "timeout"
 
 
@@ -220,15 +227,10 @@ async def test_grpc_bad_input_codes(
 
 async def test_grpc_overloaded_is_resource_exhausted(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     _, target = live_servers
-    service = tiny_runtime.service
-    original = service.settings
-    service.settings = original.model_copy(update={"max_queue": 0})
-    try:
+    with overridden_settings(tiny_runtime, max_queue=0):
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(1)))
-    finally:
-        service.settings = original
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
