@@ -122,10 +122,6 @@ class Runtime:
     def start_background(self) -> None:
         self._boot = asyncio.create_task(self._start())
 
-    async def wait_ready(self) -> None:
-        if self._boot is not None:
-            await self._boot
-
     async def _start(self) -> None:
         try:
             if self.settings.fallback_to_tiny and not self.random_weights:
