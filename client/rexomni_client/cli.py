@@ -3,6 +3,7 @@
 rexomni detect photo.jpg --categories person,car --annotate out.jpg
 rexomni detect photo.jpg --categories person --stream          # one JSON line per detection
 rexomni --grpc 127.0.0.1:50051 detect photo.jpg --categories person --stream
+rexomni evaluate instances_val2017.json --images val2017 --concurrency 32
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from rexomni_client.evaluation.cli import add_evaluate_parser, run_evaluate
 from rexomni_client.grpc import RexOmniGrpcClient
 from rexomni_client.http import RexOmniClient, RexOmniHTTPError
 from rexomni_server.schemas import DetectionModel, DetectResult
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--raw", action="store_true", help="include the raw model output")
     detect.add_argument("--stream", action="store_true", help="print each detection as it is decoded")
     detect.add_argument("--annotate", metavar="OUT", help="write the image with detections drawn")
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -52,6 +55,8 @@ def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[Detect
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        return run_evaluate(args)
     kwargs: dict[str, Any] = {"return_raw_output": args.raw, "keypoint_type": args.keypoint_type}
     if args.max_new_tokens:
         kwargs["max_new_tokens"] = args.max_new_tokens

@@ -1,0 +1,109 @@
+"""``rexomni evaluate``: accuracy of a running server on a COCO or Rex-Omni JSONL dataset.
+
+rexomni evaluate instances_val2017.json --images val2017 --concurrency 32 --report coco.json
+rexomni evaluate RefCOCOg_val.jsonl --images Rex-Omni-Eval --limit 500
+rexomni evaluate COCO_point.jsonl --images Rex-Omni-Eval --task pointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from rexomni_client.evaluation.dataset import DatasetError, EvalSample, load_dataset
+from rexomni_client.evaluation.report import report_dict, table
+from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, ServerUnreachable, evaluate
+from rexomni_client.http import AsyncRexOmniClient, build_params
+from rexomni_server.schemas import DetectResult
+
+
+def add_evaluate_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="score the server on a COCO or Rex-Omni JSONL dataset (precision, recall, F1)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("annotations", type=Path, help="COCO instances .json or Rex-Omni .jsonl")
+    parser.add_argument("--images", type=Path, help="image root (default: the annotation file's folder)")
+    parser.add_argument("--format", default="auto", choices=["auto", "coco", "jsonl"])
+    parser.add_argument("--task", default="detection", choices=[t.value for t in EVALUATED_TASKS])
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--options", default="{}", help='request options as JSON, e.g. {"max_new_tokens": 2048}')
+    parser.add_argument("--predictions", type=Path, help="write one JSON line per image (detections, errors)")
+    parser.add_argument("--report", type=Path, help="write the metrics as JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+
+
+def _progress(total: int, out: TextIO) -> Any:
+    step = max(1, total // 20)
+    done = 0
+
+    def tick(record: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if done % step == 0 or done == total:
+            print(f"evaluated {done}/{total}", file=out, flush=True)
+
+    return tick
+
+
+async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any]) -> EvalRun:
+    records = args.predictions.open("w", encoding="utf-8") if args.predictions else None
+    tick = _progress(len(samples), sys.stderr)
+
+    def on_record(record: dict[str, Any]) -> None:
+        if records is not None:
+            records.write(json.dumps(record) + "\n")
+        tick(record)
+
+    try:
+        async with AsyncRexOmniClient(args.url, timeout=args.timeout) as client:
+
+            async def detect(sample: EvalSample, image: bytes) -> DetectResult:
+                return await client.detect(image, args.task, list(sample.categories), **options)
+
+            return await evaluate(samples, detect, args.task, concurrency=args.concurrency, on_record=on_record)
+    finally:
+        if records is not None:
+            records.close()
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        options = json.loads(args.options)
+        build_params(args.task, ["x"], **options)  # the server's own validation, before any request
+        samples = load_dataset(args.annotations, args.images, args.format)
+    except json.JSONDecodeError as exc:
+        print(f"error: --options is not JSON: {exc.msg}", file=sys.stderr)
+        return 2
+    except (ValidationError, TypeError) as exc:
+        print(f"error: bad --options: {exc}", file=sys.stderr)
+        return 2
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    if not samples:
+        print("error: the dataset has no images to evaluate", file=sys.stderr)
+        return 2
+    try:
+        run = asyncio.run(_run(args, samples, options))
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ServerUnreachable as exc:
+        print(f"error: server unreachable at {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(table(run))
+    if args.report:
+        args.report.write_text(json.dumps(report_dict(run, str(args.annotations)), indent=2) + "\n")
+    return 0 if run.summary.samples else 1

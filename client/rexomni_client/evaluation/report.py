@@ -1,0 +1,62 @@
+"""An evaluation run as a printed table and as a JSON report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rexomni_client.evaluation.runner import EvalRun
+from rexomni_client.evaluation.scoring import IOU_THRESHOLDS, POINT_KEY, Metric, iou_key
+
+SHOWN_THRESHOLDS = (0.5, 0.75, 0.95)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _metric(m: Metric) -> dict[str, float]:
+    return {"precision": round(m.precision, 4), "recall": round(m.recall, 4), "f1": round(m.f1, 4)}
+
+
+def report_dict(run: EvalRun, dataset: str) -> dict[str, Any]:
+    summary = run.summary
+    return {
+        "dataset": dataset,
+        "task": run.task.value,
+        "samples": run.samples,
+        "scored": summary.samples,
+        "failed": dict(sorted(run.failed.items())),
+        "metrics": {key: _metric(m) for key, m in summary.by_key.items()},
+        "mean_iou_0.50_0.95": _metric(summary.mean) if summary.mean else None,
+        "detections": run.detections,
+        "elapsed_s": round(run.elapsed_s, 3),
+        "images_per_s": round(summary.samples / run.elapsed_s, 3) if run.elapsed_s > 0 else None,
+        "latency_ms": {
+            "p50": _percentile(run.latencies_ms, 0.5),
+            "p95": _percentile(run.latencies_ms, 0.95),
+        },
+    }
+
+
+def table(run: EvalRun) -> str:
+    summary = run.summary
+    rows: list[tuple[str, Metric]] = []
+    if POINT_KEY in summary.by_key:
+        rows.append(("point in object", summary.by_key[POINT_KEY]))
+    for threshold in SHOWN_THRESHOLDS:
+        if iou_key(threshold) in summary.by_key:
+            rows.append((f"IoU {threshold:.2f}", summary.by_key[iou_key(threshold)]))
+    if summary.mean is not None:
+        first, last = IOU_THRESHOLDS[0], IOU_THRESHOLDS[-1]
+        rows.append((f"mean IoU {first:.2f}:{last:.2f}", summary.mean))
+    lines = [f"{'criterion':<22} {'precision':>9} {'recall':>7} {'F1':>7}"]
+    lines += [f"{name:<22} {m.precision:>9.4f} {m.recall:>7.4f} {m.f1:>7.4f}" for name, m in rows]
+    rate = f"{summary.samples / run.elapsed_s:.2f} images/s" if run.elapsed_s > 0 else "-"
+    lines.append(
+        f"task {run.task.value}: {summary.samples}/{run.samples} images scored, {len(run.failed)} failed, "
+        f"{run.detections} detections, {run.elapsed_s:.1f} s ({rate})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Runs an evaluation dataset through a server, concurrently, and scores every image.
+
+The server does the batching; the runner keeps ``concurrency`` requests in flight so a vLLM
+deployment is evaluated at its real throughput. A request the server refuses (4xx/5xx) or
+that times out is recorded as a failed image and left out of the scores (the report says how
+many); a server that cannot be reached at all stops the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from rexomni_client.evaluation.dataset import DatasetError, EvalSample
+from rexomni_client.evaluation.scoring import (
+    Prediction,
+    SampleScore,
+    Summary,
+    score_boxes,
+    score_points,
+    summarize,
+)
+from rexomni_client.http import RexOmniHTTPError
+from rexomni_server.schemas import BoxDetection, DetectResult, KeypointsDetection, PointDetection
+from rexomni_server.tasks import TASKS, Geometry, Task
+
+# Tasks whose answers can be scored against boxes or regions.
+EVALUATED_TASKS: dict[Task, Geometry] = {
+    task: TASKS[task].geometry for task in (Task.DETECTION, Task.POINTING, Task.GUI_GROUNDING, Task.GUI_POINTING)
+}
+
+Detect = Callable[[EvalSample, bytes], Awaitable[DetectResult]]
+OnRecord = Callable[[dict[str, Any]], None]
+
+
+class ServerUnreachable(RuntimeError):
+    """The evaluation stopped: the server could not be reached."""
+
+
+@dataclass
+class EvalRun:
+    task: Task
+    summary: Summary
+    samples: int
+    failed: dict[str, str] = field(default_factory=dict)  # sample id -> error
+    detections: int = 0
+    elapsed_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
+    try:
+        parsed = Task(task)
+    except ValueError:
+        parsed = None
+    if parsed not in EVALUATED_TASKS:
+        raise DatasetError(f"task {task!r} cannot be scored; choose one of {', '.join(EVALUATED_TASKS)}")
+    assert parsed is not None
+    if EVALUATED_TASKS[parsed] is Geometry.BOX:
+        unboxed = next((s for s in samples if not s.boxed), None)
+        if unboxed is not None:
+            raise DatasetError(
+                f"sample {unboxed.sample_id} has masks or polygons, not boxes: score it with a point task"
+            )
+    return parsed
+
+
+def predictions_of(result: DetectResult) -> list[Prediction]:
+    predictions = []
+    for det in result.detections:
+        if isinstance(det, BoxDetection | KeypointsDetection):
+            predictions.append(Prediction(det.label, box=tuple(det.box)))  # type: ignore[arg-type]
+        elif isinstance(det, PointDetection):
+            predictions.append(Prediction(det.label, point=tuple(det.point)))  # type: ignore[arg-type]
+    return predictions
+
+
+def score_result(task: Task, sample: EvalSample, result: DetectResult) -> SampleScore:
+    predictions = predictions_of(result)
+    if EVALUATED_TASKS[task] is Geometry.BOX:
+        return score_boxes(sample.truths, predictions, single_phrase=sample.single_phrase)
+    return score_points(sample.truths, predictions, single_phrase=sample.single_phrase)
+
+
+async def evaluate(
+    samples: Sequence[EvalSample],
+    detect: Detect,
+    task: str,
+    *,
+    concurrency: int = 8,
+    on_record: OnRecord | None = None,
+) -> EvalRun:
+    parsed = check_task(task, samples)
+    limit = asyncio.Semaphore(max(1, concurrency))
+    scores: dict[str, SampleScore] = {}
+    run = EvalRun(parsed, summarize([]), len(samples))
+
+    async def one(sample: EvalSample) -> None:
+        async with limit:
+            record: dict[str, Any] = {"id": sample.sample_id, "image": str(sample.image)}
+            start = time.perf_counter()
+            try:
+                image = await asyncio.to_thread(sample.image.read_bytes)
+                result = await detect(sample, image)
+            except (OSError, RexOmniHTTPError, httpx.TimeoutException) as exc:
+                run.failed[sample.sample_id] = record["error"] = _describe(exc)
+            else:
+                latency = (time.perf_counter() - start) * 1000
+                scores[sample.sample_id] = score = score_result(parsed, sample, result)
+                run.detections += len(result.detections)
+                run.latencies_ms.append(latency)
+                record.update(
+                    latency_ms=round(latency, 1),
+                    finish_reason=result.finish_reason,
+                    truths=score.truths,
+                    matches=dict(score.matches),
+                    detections=[d.model_dump(mode="json") for d in result.detections],
+                )
+            if on_record is not None:
+                on_record(record)
+
+    start = time.perf_counter()
+    try:
+        async with asyncio.TaskGroup() as group:
+            for sample in samples:
+                group.create_task(one(sample))
+    except BaseExceptionGroup as errors:
+        # No server to talk to: stop at once rather than fail every image the same way.
+        unreachable = errors.subgroup(httpx.TransportError)
+        if unreachable is None:
+            raise
+        raise ServerUnreachable(str(unreachable.exceptions[0])) from None
+    run.elapsed_s = time.perf_counter() - start
+    # Summarised in dataset order so the numbers do not depend on completion order.
+    run.summary = summarize([scores[s.sample_id] for s in samples if s.sample_id in scores])
+    return run
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"image not found: {exc.filename}"
+    if isinstance(exc, httpx.TimeoutException):
+        return "request timed out"
+    return str(exc)

@@ -1,0 +1,105 @@
+"""`rexomni evaluate` end to end: a real uvicorn server on the tiny transformers engine whose
+output is forced, so every metric the evaluator prints is known in advance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from rexomni_client.cli import main
+from rexomni_client.evaluation import EvalSample, Truth, evaluate
+from rexomni_client.http import RexOmniHTTPError
+from rexomni_server.schemas import DetectResult
+from tests.conftest import image_bytes
+
+W, H = 200, 100
+# Every request answers "one cat covering the whole image".
+FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|><|im_end|>"
+
+
+def dataset(tmp_path: Path) -> Path:
+    for name in ("exact.png", "half.png"):
+        (tmp_path / name).write_bytes(image_bytes(W, H, "PNG"))
+    lines = [
+        {"image_path": "exact.png", "categories": ["cat"], "gt": {"cat": [[0, 0, W, H]]}},
+        # IoU 0.5 with the forced cat, and a dog nobody finds: P 1, R 0.5 at IoU 0.50 only.
+        {
+            "image_path": "half.png",
+            "categories": ["cat", "dog"],
+            "gt": {"cat": [[0, 0, 100, 100]], "dog": [[0, 0, 9, 9]]},
+        },
+        {"image_path": "missing.png", "categories": ["cat"], "gt": {"cat": [[0, 0, 1, 1]]}},
+    ]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
+async def test_cli_scores_a_live_server(
+    live_servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = live_servers
+    data, report, predictions = dataset(tmp_path), tmp_path / "report.json", tmp_path / "pred.jsonl"
+    args = ["--url", url, "evaluate", str(data), "--concurrency", "2", "--report", str(report)]
+    args += ["--predictions", str(predictions), "--options", json.dumps({"forced_output": FORCED})]
+    assert await asyncio.to_thread(main, args) == 0
+
+    metrics = json.loads(report.read_text())
+    assert metrics["scored"] == 2 and metrics["samples"] == 3
+    assert metrics["failed"] == {"3": f"image not found: {tmp_path / 'missing.png'}"}
+    assert metrics["metrics"]["0.50"] == {"precision": 1.0, "recall": 0.75, "f1": round(2 * 0.75 / 1.75, 4)}
+    assert metrics["metrics"]["0.95"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert metrics["detections"] == 2
+    out = capsys.readouterr().out
+    assert "IoU 0.50" in out and "2/3 images scored, 1 failed" in out
+
+    records = {r["id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
+    assert records["1"]["detections"][0]["box"] == [0.0, 0.0, W, H]
+    assert records["2"]["matches"]["0.50"] == 1 and records["2"]["truths"] == 2
+    assert "error" in records["3"]
+
+
+async def test_cli_rejects_bad_options_and_files_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = dataset(tmp_path)
+    unreachable = ["--url", "http://127.0.0.1:9", "evaluate"]
+    assert await asyncio.to_thread(main, [*unreachable, str(data), "--options", '{"max_new_tokens": 0}']) == 2
+    assert "bad --options" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, [*unreachable, str(tmp_path / "none.jsonl")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, [*unreachable, str(data)]) == 1
+    assert "server unreachable" in capsys.readouterr().err
+
+
+async def test_refused_requests_are_counted_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    samples = [
+        EvalSample("ok", tmp_path / "a.png", ("cat",), (Truth("cat", box=(0, 0, 10, 10)),)),
+        EvalSample("refused", tmp_path / "a.png", ("cat",), (Truth("cat", box=(0, 0, 10, 10)),)),
+    ]
+
+    async def detect(sample: EvalSample, image: bytes) -> DetectResult:
+        if sample.sample_id == "refused":
+            raise RexOmniHTTPError(422, "image_too_large", "too many pixels")
+        return DetectResult.model_validate(
+            {
+                "request_id": sample.sample_id,
+                "model": "scripted",
+                "task": "detection",
+                "detections": [{"type": "box", "label": "cat", "box": [0, 0, 10, 10]}],
+                "image": {"width": 10, "height": 10, "resized_width": 28, "resized_height": 28},
+                "finish_reason": "stop",
+                "truncated": False,
+                "skipped": 0,
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
+            }
+        )
+
+    run = await evaluate(samples, detect, "detection", concurrency=4)
+    assert run.failed == {"refused": "422 image_too_large: too many pixels"}
+    assert run.summary.samples == 1 and run.summary.by_key["0.95"].f1 == 1.0
