@@ -21,13 +21,19 @@ log "environment"
 cat "$OUT/environment.txt"
 
 if [ -d benchmarks/gpu/wheels ]; then
-  log "installing carried wheels (never torch or transformers)"
-  $PY -m pip install --quiet --no-index --find-links benchmarks/gpu/wheels --no-deps benchmarks/gpu/wheels/*.whl >> "$OUT/run.log" 2>&1 || echo "some wheels did not install (see run.log)"
+  # Into a folder of their own, searched after ours: the machine's environment (its torch,
+  # transformers and what they depend on) stays as it is.
+  SITE=${SITE:-/tmp/rexomni-site}
+  log "installing carried wheels into $SITE (never torch or transformers)"
+  $PY -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    benchmarks/gpu/wheels/*.whl >> "$OUT/run.log" 2>&1 || echo "some wheels did not install (see run.log)"
+  export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 
 status=0
 log "tests marked gpu"
-$PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest-gpu.txt" || status=1
+# Only the plugins these tests use: the machine's own pytest plugins may not match its pytest.
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider -p pytest_asyncio.plugin 2>&1 | tail -20 | tee "$OUT/pytest-gpu.txt" || status=1
 
 log "decode speed vs the memory-bandwidth limit"
 timeout 240 $PY -m benchmarks.gpu.decode_limit --model "$MODEL" --device "$DEVICE" --out "$OUT" 2>>"$OUT/run.log" | tee "$OUT/decode_limit.txt" || status=1

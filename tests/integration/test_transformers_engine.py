@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from PIL import Image
 
 from rexomni_server.engines.base import EngineEvent, EngineRequest, SamplingConfig
 from rexomni_server.engines.detokenize import IncrementalDetokenizer
 from rexomni_server.engines.transformers import TransformersEngine
 from rexomni_server.runtime import Runtime
+from rexomni_server.tiny import TINY_TEXT, TINY_VISION, architecture_config, random_components
 
 SAMPLING = SamplingConfig(max_new_tokens=64, temperature=0.0, top_p=0.8, top_k=1, repetition_penalty=1.05)
 IMAGE = Image.new("RGB", (112, 84), (200, 30, 30))
@@ -105,3 +107,34 @@ def test_detokenizer_never_splits_a_character(tiny_runtime: Runtime) -> None:
     pieces = [detok.add([i]) for i in ids] + [detok.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.slow
+async def test_compiled_fast_decode_matches_eager_decoding() -> None:
+    """On CUDA, fast decode (static KV cache) makes transformers compile the decode step. That
+    compile is forced here on the CPU, so a torch or transformers change that breaks it for
+    Qwen2.5-VL fails CI instead of the GPU run. Same weights: same text, same log-probabilities."""
+    import torch
+    from transformers import CompileConfig
+
+    arch = {**architecture_config("qwen2_5_vl_3b"), **TINY_TEXT, "vision_config": TINY_VISION, "vocab_size": 4096}
+    components = random_components(arch, "cpu", "float32")
+    compile_everywhere = CompileConfig(fullgraph=False)
+    compile_everywhere._compile_all_devices = True  # transformers compiles only on accelerators by default
+    components[0].generation_config.compile_config = compile_everywhere
+
+    torch._dynamo.utils.counters.clear()
+    streams = {}
+    for mode in ("off", "on"):
+        engine = TransformersEngine.from_loaded(*components, label="tiny-3b-shape", fast_decode=mode)
+        await engine.start()
+        streams[mode] = await collect(engine, request(f"compiled-{mode}"))
+        await engine.stop()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
+    eager, compiled = streams["off"], streams["on"]
+    assert "".join(e.text for e in compiled) == "".join(e.text for e in eager) == FORCED
+    assert compiled[-1].finish_reason == "stop"
+    eager_lp = [lp for e in eager for lp in e.coordinate_logprobs]
+    compiled_lp = [lp for e in compiled for lp in e.coordinate_logprobs]
+    assert len(compiled_lp) == 8
+    assert compiled_lp == pytest.approx(eager_lp, abs=1e-3)
