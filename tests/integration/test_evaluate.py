@@ -11,6 +11,8 @@ import pytest
 
 from rexomni_client.cli import main
 from rexomni_client.evaluation import EvalSample, Truth, evaluate
+from rexomni_client.evaluation.report import table
+from rexomni_client.evaluation.scoring import Metric
 from rexomni_client.http import RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
 from tests.conftest import image_bytes
@@ -52,7 +54,7 @@ async def test_cli_scores_a_live_server(
     assert metrics["failed"] == {"3": f"image not found: {tmp_path / 'missing.png'}"}
     assert metrics["metrics"]["0.50"] == {"precision": 1.0, "recall": 0.75, "f1": round(2 * 0.75 / 1.75, 4)}
     assert metrics["metrics"]["0.95"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
-    assert metrics["detections"] == 2
+    assert metrics["detections"] == 2 and metrics["length_limited"] == 0
     out = capsys.readouterr().out
     assert "IoU 0.50" in out and "2/3 images scored, 1 failed" in out
 
@@ -75,25 +77,24 @@ async def test_cli_rejects_bad_options_and_files_before_any_request(
     assert "server unreachable" in capsys.readouterr().err
 
 
-async def test_refused_requests_are_counted_not_fatal(tmp_path: Path) -> None:
+async def test_refused_and_cut_off_answers_are_counted_not_fatal(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"")
-    samples = [
-        EvalSample("ok", tmp_path / "a.png", ("cat",), (Truth("cat", box=(0, 0, 10, 10)),)),
-        EvalSample("refused", tmp_path / "a.png", ("cat",), (Truth("cat", box=(0, 0, 10, 10)),)),
-    ]
+    cat = (Truth("cat", box=(0, 0, 10, 10)),)
+    samples = [EvalSample(name, tmp_path / "a.png", ("cat",), cat) for name in ("ok", "refused", "cut")]
 
     async def detect(sample: EvalSample, image: bytes) -> DetectResult:
         if sample.sample_id == "refused":
             raise RexOmniHTTPError(422, "image_too_large", "too many pixels")
+        cut = sample.sample_id == "cut"
         return DetectResult.model_validate(
             {
                 "request_id": sample.sample_id,
                 "model": "scripted",
                 "task": "detection",
-                "detections": [{"type": "box", "label": "cat", "box": [0, 0, 10, 10]}],
+                "detections": [{"type": "box", "label": "cat", "box": [0, 0, 10, 10]}] if not cut else [],
                 "image": {"width": 10, "height": 10, "resized_width": 28, "resized_height": 28},
-                "finish_reason": "stop",
-                "truncated": False,
+                "finish_reason": "length" if cut else "stop",
+                "truncated": cut,
                 "skipped": 0,
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1},
                 "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
@@ -102,4 +103,6 @@ async def test_refused_requests_are_counted_not_fatal(tmp_path: Path) -> None:
 
     run = await evaluate(samples, detect, "detection", concurrency=4)
     assert run.failed == {"refused": "422 image_too_large: too many pixels"}
-    assert run.summary.samples == 1 and run.summary.by_key["0.95"].f1 == 1.0
+    assert run.summary.samples == 2 and run.length_limited == 1
+    assert run.summary.by_key["0.95"] == Metric(precision=0.5, recall=0.5, f1=0.5)
+    assert "1 answers hit max_new_tokens" in table(run)

@@ -32,6 +32,7 @@ def report_dict(run: EvalRun, dataset: str) -> dict[str, Any]:
         "metrics": {key: _metric(m) for key, m in summary.by_key.items()},
         "mean_iou_0.50_0.95": _metric(summary.mean) if summary.mean else None,
         "detections": run.detections,
+        "length_limited": run.length_limited,
         "elapsed_s": round(run.elapsed_s, 3),
         "images_per_s": round(summary.samples / run.elapsed_s, 3) if run.elapsed_s > 0 else None,
         "latency_ms": {
@@ -59,4 +60,6 @@ def table(run: EvalRun) -> str:
         f"task {run.task.value}: {summary.samples}/{run.samples} images scored, {len(run.failed)} failed, "
         f"{run.detections} detections, {run.elapsed_s:.1f} s ({rate})"
     )
+    if run.length_limited:
+        lines.append(f"{run.length_limited} answers hit max_new_tokens: raise it with --options for a fair recall")
     return "\n".join(lines)

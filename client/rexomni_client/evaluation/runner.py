@@ -49,6 +49,8 @@ class EvalRun:
     samples: int
     failed: dict[str, str] = field(default_factory=dict)  # sample id -> error
     detections: int = 0
+    # Images whose answer hit max_new_tokens: their recall is a floor, not a measurement.
+    length_limited: int = 0
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -113,6 +115,7 @@ async def evaluate(
                 latency = (time.perf_counter() - start) * 1000
                 scores[sample.sample_id] = score = score_result(parsed, sample, result)
                 run.detections += len(result.detections)
+                run.length_limited += result.finish_reason == "length"
                 run.latencies_ms.append(latency)
                 record.update(
                     latency_ms=round(latency, 1),
