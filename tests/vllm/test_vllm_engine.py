@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from rexomni_server.schemas import DetectParams
 from rexomni_server.serve import RunningServers
 from rexomni_server.transport.convert import params_to_pb, result_from_pb
 from tests.conftest import image_bytes
+from tests.unit.test_deploy import dashboard_series
 
 pytestmark = pytest.mark.vllm
 W, H = 640, 480
@@ -151,6 +153,9 @@ async def test_metrics_endpoint_includes_vllm_metrics(vllm_servers: RunningServe
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{vllm_servers.http_port}") as client:
         text = (await client.get("/metrics")).text
     assert "rexomni_requests_total" in text and "vllm:num_requests_running" in text
+    # The Grafana dashboard's vLLM panels query series this vLLM really exports.
+    queried = dashboard_series("vllm:")
+    assert queried and all(re.search(rf"^{re.escape(name)}[{{ ]", text, re.MULTILINE) for name in queried), queried
     assert (
         json.loads((await httpx.AsyncClient().get(f"http://127.0.0.1:{vllm_servers.http_port}/health")).text)["engine"]
         == "vllm"
