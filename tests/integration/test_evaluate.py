@@ -46,7 +46,7 @@ async def test_cli_scores_a_live_server(
     url, _ = live_servers
     data, report, predictions = dataset(tmp_path), tmp_path / "report.json", tmp_path / "pred.jsonl"
     args = ["--url", url, "evaluate", str(data), "--concurrency", "2", "--report", str(report)]
-    args += ["--predictions", str(predictions), "--options", json.dumps({"forced_output": FORCED})]
+    args += ["--predictions", str(predictions), "--options", json.dumps({"forced_output": FORCED}), "--per-category"]
     assert await asyncio.to_thread(main, args) == 0
 
     metrics = json.loads(report.read_text())
@@ -57,6 +57,13 @@ async def test_cli_scores_a_live_server(
     assert metrics["detections"] == 2 and metrics["length_limited"] == 0
     out = capsys.readouterr().out
     assert "IoU 0.50" in out and "2/3 images scored, 1 failed" in out
+    # Per category, at IoU 0.50: the cat is found in both images, the dog in neither.
+    assert metrics["per_category"] == {
+        "cat": {"images": 2, "criterion": "0.50", "precision": 1.0, "recall": 1.0, "f1": 1.0},
+        "dog": {"images": 1, "criterion": "0.50", "precision": 0.0, "recall": 0.0, "f1": 0.0},
+    }
+    worst_first = out[out.index("category (worst first") :].splitlines()
+    assert worst_first[1].startswith("dog") and worst_first[2].startswith("cat")
 
     records = {r["id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
     assert records["1"]["detections"][0]["box"] == [0.0, 0.0, W, H]

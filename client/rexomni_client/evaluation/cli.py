@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample, load_dataset
-from rexomni_client.evaluation.report import report_dict, table
+from rexomni_client.evaluation.report import category_table, report_dict, table
 from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, ServerUnreachable, evaluate
 from rexomni_client.http import AsyncRexOmniClient, build_params
 from rexomni_server.schemas import DetectResult
@@ -39,6 +39,9 @@ def add_evaluate_parser(sub: Any) -> None:
     parser.add_argument("--options", default="{}", help='request options as JSON, e.g. {"max_new_tokens": 2048}')
     parser.add_argument("--predictions", type=Path, help="write one JSON line per image (detections, errors)")
     parser.add_argument("--report", type=Path, help="write the metrics as JSON")
+    parser.add_argument(
+        "--per-category", action="store_true", help="also score each category alone (table of the worst, JSON)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
 
@@ -104,6 +107,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"error: server unreachable at {args.url}: {exc}", file=sys.stderr)
         return 1
     print(table(run))
+    if args.per_category:
+        print(category_table(run))
     if args.report:
-        args.report.write_text(json.dumps(report_dict(run, str(args.annotations)), indent=2) + "\n")
+        report = report_dict(run, str(args.annotations), per_category=args.per_category)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if run.summary.samples else 1

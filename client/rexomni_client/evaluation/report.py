@@ -21,9 +21,14 @@ def _metric(m: Metric) -> dict[str, float]:
     return {"precision": round(m.precision, 4), "recall": round(m.recall, 4), "f1": round(m.f1, 4)}
 
 
-def report_dict(run: EvalRun, dataset: str) -> dict[str, Any]:
+def headline_key(run: EvalRun) -> str:
+    """The criterion categories are ranked by: F1 at IoU 0.50, or point-in-object."""
+    return POINT_KEY if POINT_KEY in run.summary.by_key else iou_key(0.5)
+
+
+def report_dict(run: EvalRun, dataset: str, per_category: bool = False) -> dict[str, Any]:
     summary = run.summary
-    return {
+    report: dict[str, Any] = {
         "dataset": dataset,
         "task": run.task.value,
         "samples": run.samples,
@@ -40,6 +45,29 @@ def report_dict(run: EvalRun, dataset: str) -> dict[str, Any]:
             "p95": _percentile(run.latencies_ms, 0.95),
         },
     }
+    if per_category:
+        key = headline_key(run)
+        report["per_category"] = {
+            category: {"images": s.samples, "criterion": key, **_metric(s.by_key[key])}
+            for category, s in sorted(run.by_category.items())
+            if key in s.by_key
+        }
+    return report
+
+
+def category_table(run: EvalRun, most: int = 20) -> str:
+    """The categories the model does worst on first."""
+    key = headline_key(run)
+    ranked = sorted((s.by_key[key].f1, c, s) for c, s in run.by_category.items() if key in s.by_key)
+    criterion = "point in object" if key == POINT_KEY else f"IoU {key}"
+    heading = f"category (worst first, {criterion})"
+    lines = [f"{heading:<40} {'images':>6} {'precision':>9} {'recall':>7} {'F1':>7}"]
+    for _, category, s in ranked[:most]:
+        m = s.by_key[key]
+        lines.append(f"{category[:40]:<40} {s.samples:>6} {m.precision:>9.4f} {m.recall:>7.4f} {m.f1:>7.4f}")
+    if len(ranked) > most:
+        lines.append(f"... {len(ranked) - most} more in the JSON report")
+    return "\n".join(lines)
 
 
 def table(run: EvalRun) -> str:

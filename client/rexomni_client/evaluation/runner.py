@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ from rexomni_client.evaluation.scoring import (
     Prediction,
     SampleScore,
     Summary,
+    Truth,
+    normalize_label,
     score_boxes,
     score_points,
     summarize,
@@ -53,6 +55,7 @@ class EvalRun:
     length_limited: int = 0
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    by_category: dict[str, Summary] = field(default_factory=dict)
 
 
 def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
@@ -82,11 +85,30 @@ def predictions_of(result: DetectResult) -> list[Prediction]:
     return predictions
 
 
-def score_result(task: Task, sample: EvalSample, result: DetectResult) -> SampleScore:
-    predictions = predictions_of(result)
+def score_predictions(
+    task: Task, truths: Sequence[Truth], predictions: Sequence[Prediction], single_phrase: bool
+) -> SampleScore:
     if EVALUATED_TASKS[task] is Geometry.BOX:
-        return score_boxes(sample.truths, predictions, single_phrase=sample.single_phrase)
-    return score_points(sample.truths, predictions, single_phrase=sample.single_phrase)
+        return score_boxes(truths, predictions, single_phrase=single_phrase)
+    return score_points(truths, predictions, single_phrase=single_phrase)
+
+
+def per_category(
+    task: Task, samples: Sequence[EvalSample], predictions: Mapping[str, Sequence[Prediction]]
+) -> dict[str, Summary]:
+    """The same metric restricted to one asked category at a time, over the images that asked
+    for it (predictions labelled with no asked category count for none)."""
+    grouped: dict[str, list[SampleScore]] = {}
+    for sample in samples:
+        answered = predictions.get(sample.sample_id)
+        if answered is None:
+            continue
+        for category in sample.categories:
+            key = normalize_label(category)
+            truths = [t for t in sample.truths if normalize_label(t.category) == key]
+            mine = answered if sample.single_phrase else [p for p in answered if normalize_label(p.label) == key]
+            grouped.setdefault(category, []).append(score_predictions(task, truths, mine, True))
+    return {category: summarize(scores) for category, scores in grouped.items()}
 
 
 async def evaluate(
@@ -100,6 +122,7 @@ async def evaluate(
     parsed = check_task(task, samples)
     limit = asyncio.Semaphore(max(1, concurrency))
     scores: dict[str, SampleScore] = {}
+    answers: dict[str, list[Prediction]] = {}
     run = EvalRun(parsed, summarize([]), len(samples))
 
     async def one(sample: EvalSample) -> None:
@@ -113,7 +136,9 @@ async def evaluate(
                 run.failed[sample.sample_id] = record["error"] = _describe(exc)
             else:
                 latency = (time.perf_counter() - start) * 1000
-                scores[sample.sample_id] = score = score_result(parsed, sample, result)
+                answers[sample.sample_id] = predictions = predictions_of(result)
+                score = score_predictions(parsed, sample.truths, predictions, sample.single_phrase)
+                scores[sample.sample_id] = score
                 run.detections += len(result.detections)
                 run.length_limited += result.finish_reason == "length"
                 run.latencies_ms.append(latency)
@@ -141,6 +166,7 @@ async def evaluate(
     run.elapsed_s = time.perf_counter() - start
     # Summarised in dataset order so the numbers do not depend on completion order.
     run.summary = summarize([scores[s.sample_id] for s in samples if s.sample_id in scores])
+    run.by_category = per_category(parsed, samples, answers)
     return run
 
 
