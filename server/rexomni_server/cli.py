@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,8 +39,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from rexomni_server.logs import configure_logging
     from rexomni_server.serve import serve
-    from rexomni_server.settings import Settings
+    from rexomni_server.settings import Settings, unknown_env_settings
 
+    unknown = unknown_env_settings(os.environ)
+    if unknown:
+        raise ValueError(f"unknown settings in the environment: {', '.join(unknown)}")
     settings = Settings(**_settings_overrides(args))
     configure_logging(settings.log_level)
     asyncio.run(serve(settings))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -15,12 +17,15 @@ PIXEL_UNIT = 28 * 28
 EngineName = Literal["auto", "vllm", "transformers", "scripted"]
 
 
+ENV_PREFIX = "REXOMNI_"
+
+
 def default_tiny_dir() -> Path:
     return Path.home() / ".cache" / "rexomni" / "tiny-random"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REXOMNI_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # -- model and engine --
     model: str = Field(
@@ -101,3 +106,17 @@ class Settings(BaseSettings):
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("max_new_tokens must not exceed max_new_tokens_limit")
         return self
+
+
+def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:
+    """``REXOMNI_*`` variables that name no setting, each with the closest setting when one is
+    close. pydantic-settings reads only the variables it knows, so a misspelt one would
+    otherwise be ignored without a word and the server would run on the default."""
+    known = sorted(name.upper() for name in Settings.model_fields)
+    unknown = []
+    for key in sorted(environ):
+        name = key.upper()
+        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in known:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1)
+            unknown.append(f"{key} (did you mean {ENV_PREFIX}{close[0]}?)" if close else key)
+    return unknown

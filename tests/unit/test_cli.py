@@ -50,6 +50,21 @@ def test_serve_flags_become_settings() -> None:
         Settings(**_settings_overrides(both_off))
 
 
+def test_misspelt_environment_settings_stop_the_server_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rexomni_server.settings import unknown_env_settings
+
+    env = {"REXOMNI_GPU_MEMORY_UTILISATION": "0.5", "rexomni_port": "1", "REXOMNI_XYZZY": "1", "HOME": "/"}
+    assert unknown_env_settings(env) == [
+        "REXOMNI_GPU_MEMORY_UTILISATION (did you mean REXOMNI_GPU_MEMORY_UTILIZATION?)",
+        "REXOMNI_XYZZY",
+    ]
+    monkeypatch.setenv("REXOMNI_MAX_NEW_TOKEN", "100")
+    assert main(["serve", "--model", "tiny"]) == 2  # refused before any engine or port is touched
+    assert "REXOMNI_MAX_NEW_TOKEN (did you mean REXOMNI_MAX_NEW_TOKENS?)" in capsys.readouterr().err
+
+
 def test_auto_engine_falls_back_to_transformers_without_vllm() -> None:
     import importlib.util
 

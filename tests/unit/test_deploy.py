@@ -1,5 +1,6 @@
 """The deployment files agree with the server: every series the Grafana dashboard queries is
-one the server exports, and the dashboard's data source is the one provisioned."""
+one the server exports, every REXOMNI_* variable they set is a real setting, and every probe,
+port and path they name is one the server has."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from rexomni_server.metrics import Metrics
+from rexomni_server.settings import Settings, unknown_env_settings
+from rexomni_server.transport.http import build_router
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rexomni.json"
@@ -36,3 +41,52 @@ def test_dashboard_uses_the_provisioned_data_source() -> None:
     assert used and used <= uids
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+ROOT = DEPLOY.parent
+SERVER = Settings()
+HTTP_PATHS = {getattr(route, "path", "") for route in build_router().routes}
+
+
+def test_every_environment_variable_the_deployments_set_is_a_setting() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    k8s = list(yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text()))
+    containers = [
+        c for doc in k8s if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]
+    ]
+    names = set(compose["services"]["rexomni"]["environment"])
+    names |= {env["name"] for c in containers for env in c["env"]}
+    names |= set(re.findall(r"\b(REXOMNI_[A-Z_]+)=", (ROOT / "Dockerfile").read_text()))
+    assert {"REXOMNI_MODEL", "REXOMNI_ENGINE", "REXOMNI_GRPC_PORT"} <= names
+    assert unknown_env_settings(dict.fromkeys(names, "")) == []
+
+
+def test_compose_and_dockerfile_expose_the_server_ports_and_probe_a_real_path() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert set(compose["services"]["rexomni"]["ports"]) == {
+        f"{SERVER.port}:{SERVER.port}",
+        f"{SERVER.grpc_port}:{SERVER.grpc_port}",
+    }
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"EXPOSE {SERVER.port} {SERVER.grpc_port}" in dockerfile
+    probed = re.findall(r"http://127\.0\.0\.1:\d+(/\w+)", dockerfile)
+    assert probed and set(probed) <= HTTP_PATHS
+
+
+def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
+    pod = docs["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": SERVER.port, "grpc": SERVER.grpc_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = container[probe]
+        if "httpGet" in spec:
+            assert spec["httpGet"]["path"] in HTTP_PATHS and spec["httpGet"]["port"] in ports
+        else:  # the gRPC health service (grpc.health.v1) runs beside Detect
+            assert spec["grpc"]["port"] == ports["grpc"]
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] in HTTP_PATHS
+    assert {p["targetPort"] for p in docs["Service"]["spec"]["ports"]} == set(ports)
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
