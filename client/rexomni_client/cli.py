@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,8 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rexomni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP server base URL")
+    parser.add_argument(
+        "--url", default=os.environ.get("REXOMNI_URL", "http://127.0.0.1:8000"), help="HTTP server base URL"
+    )
     parser.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC endpoint instead of HTTP")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("REXOMNI_API_KEY"),
+        help="the server's API key, if it requires one (default: $REXOMNI_API_KEY)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     detect = sub.add_parser("detect", help="detect in one image and print the JSON result")
     detect.add_argument("image")
@@ -45,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
     client: RexOmniClient | RexOmniGrpcClient
-    client = RexOmniGrpcClient(args.grpc) if args.grpc else RexOmniClient(args.url)
+    if args.grpc:
+        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key)
+    else:
+        client = RexOmniClient(args.url, api_key=args.api_key)
     with client:
         if args.stream:
             yield from client.detect_stream(args.image, args.task, args.categories, **kwargs)

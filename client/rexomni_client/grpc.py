@@ -17,7 +17,11 @@ class RexOmniGrpcClient:
     """``RexOmniGrpcClient("127.0.0.1:50051").detect("photo.jpg", categories=["person"])``"""
 
     def __init__(
-        self, target: str = "127.0.0.1:50051", timeout: float = 600.0, max_message_bytes: int = 64 << 20
+        self,
+        target: str = "127.0.0.1:50051",
+        timeout: float = 600.0,
+        max_message_bytes: int = 64 << 20,
+        api_key: str | None = None,
     ) -> None:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -26,6 +30,7 @@ class RexOmniGrpcClient:
         self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _request(self, image: ImageInput, task: str, categories: Sequence[str] | str, **kw: Any) -> Any:
         return params_to_pb(build_params(task, categories, **kw), image_bytes_of(image))
@@ -33,14 +38,17 @@ class RexOmniGrpcClient:
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        response = self._stub.Detect(self._request(image, task, categories, **kw), timeout=self._timeout)
+        response = self._stub.Detect(
+            self._request(image, task, categories, **kw), timeout=self._timeout, metadata=self._metadata
+        )
         return result_from_pb(response)
 
     def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> Iterator[DetectionModel | DetectResult]:
         """Each detection as soon as the server decodes it, then the full result."""
-        for event in self._stub.DetectStream(self._request(image, task, categories, **kw), timeout=self._timeout):
+        request = self._request(image, task, categories, **kw)
+        for event in self._stub.DetectStream(request, timeout=self._timeout, metadata=self._metadata):
             if event.WhichOneof("event") == "detection":
                 yield detection_from_pb(event.detection.detection)
             else:

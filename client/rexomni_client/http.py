@@ -59,6 +59,10 @@ def build_request(
     return DetectRequest(image=encoded, **params.model_dump())
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _raise_for_error(status: int, payload: Any, text: str) -> None:
     try:
         error = payload["error"]
@@ -90,8 +94,10 @@ def _stream_event(event: str, data: str) -> DetectionModel | DetectResult:
 class RexOmniClient:
     """``RexOmniClient("http://127.0.0.1:8000").detect("photo.jpg", categories=["person"])``"""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, api_key: str | None = None
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=auth_headers(api_key))
 
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
@@ -122,8 +128,10 @@ class RexOmniClient:
 
 
 class AsyncRexOmniClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, api_key: str | None = None
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=auth_headers(api_key))
 
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any

@@ -9,11 +9,19 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rexomni_server import __version__
-from rexomni_server.errors import ImageTooLarge
+from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER, ApiKeys
+from rexomni_server.errors import ImageTooLarge, Unauthenticated
 from rexomni_server.runtime import Runtime
 from rexomni_server.service import new_request_id
 from rexomni_server.settings import Settings
-from rexomni_server.transport.http import REQUEST_ID_HEADER, build_router, error_response, install_error_handlers
+from rexomni_server.transport.http import (
+    DETECT_PATHS,
+    REQUEST_ID_HEADER,
+    build_router,
+    error_response,
+    http_status,
+    install_error_handlers,
+)
 
 
 class RequestIdMiddleware:
@@ -86,6 +94,38 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+class ApiKeyMiddleware:
+    """Detection requests without a valid API key get 401 before their bodies are read (an
+    unauthenticated client cannot make the server read megabytes). Probes, metrics and
+    documentation stay open."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.keys: ApiKeys = runtime.api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled or scope["path"] not in DETECT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+
+        def header(name: str) -> str | None:
+            value: bytes | None = headers.get(name.encode())
+            return value.decode("latin-1") if value else None
+
+        try:
+            self.keys.check(header(AUTHORIZATION_HEADER), header(API_KEY_HEADER))
+        except Unauthenticated as exc:
+            request_id = scope.get("state", {}).get("request_id") or new_request_id()
+            self.runtime.service.record_rejected(request_id, "unknown", "http", exc.code)
+            response = error_response(http_status(exc), exc.code, exc.message, request_id)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def max_body_bytes(settings: Settings) -> int:
     """The largest useful body: a base64 image at the byte limit, plus room for the fields."""
     return settings.max_image_bytes * 4 // 3 + (1 << 20)
@@ -119,5 +159,6 @@ def create_app(
     install_error_handlers(app)
     app.include_router(build_router())
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(settings))
+    app.add_middleware(ApiKeyMiddleware, runtime=runtime)  # outside the body limit: checked first
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids reach every response
     return app

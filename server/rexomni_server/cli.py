@@ -23,6 +23,7 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "dtype",
         "max_concurrency",
         "log_level",
+        "api_keys_file",
     )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     for flag in ("fallback_to_tiny", "allow_forced_output"):
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     serve.add_argument("--max-concurrency", type=int, dest="max_concurrency")
     serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument(
+        "--api-keys-file",
+        dest="api_keys_file",
+        help="require an API key from this file (one per line) for detection; keys can also come "
+        "from $REXOMNI_API_KEYS (comma-separated), never from a flag (ps would show them)",
+    )
     serve.add_argument(
         "--fallback-to-tiny",
         action="store_true",

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from rexomni_server.auth import ApiKeys
 from rexomni_server.engines.base import Engine
 from rexomni_server.errors import InvalidRequest
 from rexomni_server.service import DetectionService
@@ -96,6 +97,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, engine: Engine | None = None, model_label: str | None = None) -> None:
         self.settings = settings
+        self.api_keys = ApiKeys.from_settings(settings)
         self.random_weights = False
         self.boot_error: str | None = None
         if engine is None:

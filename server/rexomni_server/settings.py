@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "IDEA-Research/Rex-Omni"
@@ -18,6 +18,8 @@ EngineName = Literal["auto", "vllm", "transformers", "scripted"]
 
 
 ENV_PREFIX = "REXOMNI_"
+# Read by the client CLI (``rexomni``), not by the server: never an unknown server setting.
+CLIENT_ENV = frozenset({"REXOMNI_API_KEY", "REXOMNI_URL"})
 
 
 def default_tiny_dir() -> Path:
@@ -95,6 +97,17 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    # -- access --
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated API keys. When any is set, detection requests must carry one "
+        "('Authorization: Bearer KEY' or 'x-api-key: KEY'; gRPC metadata alike). Health, "
+        "readiness, metrics and the task list stay open for probes and scrapers.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of API keys, one per line (e.g. a mounted secret); adds to api_keys."
+    )
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.min_pixels > self.max_pixels:
@@ -116,7 +129,7 @@ def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:
     unknown = []
     for key in sorted(environ):
         name = key.upper()
-        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in known:
+        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in known and name not in CLIENT_ENV:
             close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1)
             unknown.append(f"{key} (did you mean {ENV_PREFIX}{close[0]}?)" if close else key)
     return unknown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,9 +61,15 @@ def test_misspelt_environment_settings_stop_the_server_before_it_starts(
         "REXOMNI_GPU_MEMORY_UTILISATION (did you mean REXOMNI_GPU_MEMORY_UTILIZATION?)",
         "REXOMNI_XYZZY",
     ]
+    assert unknown_env_settings({"REXOMNI_API_KEY": "k", "REXOMNI_URL": "u"}) == []  # the client's own
     monkeypatch.setenv("REXOMNI_MAX_NEW_TOKEN", "100")
     assert main(["serve", "--model", "tiny"]) == 2  # refused before any engine or port is touched
     assert "REXOMNI_MAX_NEW_TOKEN (did you mean REXOMNI_MAX_NEW_TOKENS?)" in capsys.readouterr().err
+
+
+def test_an_api_keys_file_that_cannot_be_read_stops_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", "tiny", "--api-keys-file", str(tmp_path / "missing")]) == 2
+    assert "api_keys_file" in capsys.readouterr().err
 
 
 def test_auto_engine_falls_back_to_transformers_without_vllm() -> None:

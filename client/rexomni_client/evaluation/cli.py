@@ -68,7 +68,7 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
         tick(record)
 
     try:
-        async with AsyncRexOmniClient(args.url, timeout=args.timeout) as client:
+        async with AsyncRexOmniClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
 
             async def detect(sample: EvalSample, image: bytes) -> DetectResult:
                 return await client.detect(image, args.task, list(sample.categories), **options)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from rexomni_server.errors import (
     EngineFailure,
     EngineNotReady,
@@ -66,6 +67,11 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID_KEY, "")).strip()[:128] or new_request_id()
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        try:
+            self._runtime.api_keys.check(metadata.get(AUTHORIZATION_HEADER), metadata.get(API_KEY_HEADER))
+        except Unauthenticated as exc:
+            self._runtime.service.record_rejected(request_id, "unknown", "grpc", exc.code)
+            await context.abort(grpc_status(exc), exc.message)
         try:
             params, image = params_from_pb(request)
         except (ValidationError, ValueError) as exc:
