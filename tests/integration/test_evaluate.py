@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from rexomni_client.cli import main
-from rexomni_client.evaluation import EvalSample, Truth, evaluate
+from rexomni_client.evaluation import DatasetError, EvalSample, Truth, evaluate
 from rexomni_client.evaluation.report import table
+from rexomni_client.evaluation.runner import Query
 from rexomni_client.evaluation.scoring import Metric
 from rexomni_client.http import RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
+from rexomni_server.tasks import Task
 from tests.conftest import image_bytes
 
 W, H = 200, 100
@@ -71,6 +73,29 @@ async def test_cli_scores_a_live_server(
     assert "error" in records["3"]
 
 
+async def test_cli_visual_prompting_on_a_live_server(
+    live_servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = live_servers
+    (tmp_path / "exact.png").write_bytes(image_bytes(W, H, "PNG"))
+    line = {
+        "image_path": "exact.png",
+        "categories": ["cat"],
+        "gt": {"cat": [[0, 0, W, H]]},
+        "visual_prompt": {"cat": [[10, 10, 50, 50]]},
+    }
+    (tmp_path / "vp.jsonl").write_text(json.dumps(line))
+    report = tmp_path / "vp.json"
+    args = ["--url", url, "evaluate", str(tmp_path / "vp.jsonl"), "--task", "visual_prompting", "--report", str(report)]
+    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 0
+    assert json.loads(report.read_text())["mean_iou_0.50_0.95"]["f1"] == 1.0
+    capsys.readouterr()
+    # A dataset without reference boxes cannot be scored this way: refused before any request.
+    args[3] = str(dataset(tmp_path))
+    assert await asyncio.to_thread(main, args) == 2
+    assert "no visual_prompt boxes" in capsys.readouterr().err
+
+
 async def test_cli_rejects_bad_options_and_files_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -84,32 +109,82 @@ async def test_cli_rejects_bad_options_and_files_before_any_request(
     assert "server unreachable" in capsys.readouterr().err
 
 
-async def test_refused_and_cut_off_answers_are_counted_not_fatal(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"")
-    cat = (Truth("cat", box=(0, 0, 10, 10)),)
-    samples = [EvalSample(name, tmp_path / "a.png", ("cat",), cat) for name in ("ok", "refused", "cut")]
+def result(detections: list[dict[str, object]], finish_reason: str = "stop") -> DetectResult:
+    return DetectResult.model_validate(
+        {
+            "request_id": "r",
+            "model": "scripted",
+            "task": "detection",
+            "detections": detections,
+            "image": {"width": 10, "height": 10, "resized_width": 28, "resized_height": 28},
+            "finish_reason": finish_reason,
+            "truncated": finish_reason == "length",
+            "skipped": 0,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
+        }
+    )
 
-    async def detect(sample: EvalSample, image: bytes) -> DetectResult:
-        if sample.sample_id == "refused":
+
+def box(label: str, *coords: float) -> dict[str, object]:
+    return {"type": "box", "label": label, "box": list(coords)}
+
+
+async def test_refused_and_cut_off_answers_are_counted_not_fatal(tmp_path: Path) -> None:
+    cat = (Truth("cat", box=(0, 0, 10, 10)),)
+    samples = []
+    for name in ("ok", "refused", "cut"):
+        (tmp_path / name).write_bytes(name.encode())  # the fake server answers by the image's bytes
+        samples.append(EvalSample(name, tmp_path / name, ("cat",), cat))
+
+    async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
+        if image == b"refused":
             raise RexOmniHTTPError(422, "image_too_large", "too many pixels")
-        cut = sample.sample_id == "cut"
-        return DetectResult.model_validate(
-            {
-                "request_id": sample.sample_id,
-                "model": "scripted",
-                "task": "detection",
-                "detections": [{"type": "box", "label": "cat", "box": [0, 0, 10, 10]}] if not cut else [],
-                "image": {"width": 10, "height": 10, "resized_width": 28, "resized_height": 28},
-                "finish_reason": "length" if cut else "stop",
-                "truncated": cut,
-                "skipped": 0,
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-                "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
-            }
-        )
+        return result([], "length") if image == b"cut" else result([box("cat", 0, 0, 10, 10)])
 
     run = await evaluate(samples, detect, "detection", concurrency=4)
     assert run.failed == {"refused": "422 image_too_large: too many pixels"}
     assert run.summary.samples == 2 and run.length_limited == 1
     assert run.summary.by_key["0.95"] == Metric(precision=0.5, recall=0.5, f1=0.5)
     assert "1 answers hit max_new_tokens" in table(run)
+
+
+async def test_visual_prompting_asks_once_per_category_and_credits_its_answers(tmp_path: Path) -> None:
+    (tmp_path / "shelf.png").write_bytes(b"")
+    sample = EvalSample(
+        "shelf",
+        tmp_path / "shelf.png",
+        ("apple", "pear"),
+        (Truth("apple", box=(0, 0, 10, 10)), Truth("apple", box=(20, 0, 30, 10)), Truth("pear", box=(50, 50, 60, 60))),
+        visual_prompts=(("apple", ((0, 0, 10, 10),)), ("pear", ((50, 50, 60, 60),))),
+    )
+    asked: list[Query] = []
+
+    async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
+        asked.append(query)
+        # The model labels visual-prompt answers itself ("object"); the evaluator credits the
+        # category whose reference boxes were sent.
+        if query.label == "apple":
+            return result([box("object", 0, 0, 10, 10), box("object", 20, 0, 30, 10)])
+        return result([box("object", 0, 0, 10, 10)])  # a pear answer on an apple: wrong
+
+    records: list[dict[str, object]] = []
+    run = await evaluate([sample], detect, "visual_prompting", on_record=records.append)
+    assert [(q.label, q.visual_prompt_boxes, q.categories) for q in asked] == [
+        ("apple", ((0, 0, 10, 10),), ()),
+        ("pear", ((50, 50, 60, 60),), ()),
+    ]
+    metric = run.summary.by_key["0.50"]
+    assert (metric.precision, metric.recall) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert [d["label"] for d in records[0]["detections"]] == ["apple", "apple", "pear"]  # type: ignore[index, union-attr]
+    assert run.by_category["pear"].by_key["0.50"].f1 == 0.0
+
+
+async def test_visual_prompting_needs_reference_boxes(tmp_path: Path) -> None:
+    sample = EvalSample("x", tmp_path / "x.png", ("cat",), (Truth("cat", box=(0, 0, 1, 1)),))
+
+    async def never(task: Task, query: Query, image: bytes) -> DetectResult:
+        raise AssertionError("no request may be sent")
+
+    with pytest.raises(DatasetError, match="no visual_prompt boxes"):
+        await evaluate([sample], never, "visual_prompting")

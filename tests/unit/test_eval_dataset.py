@@ -130,6 +130,17 @@ def test_bad_files_name_what_is_wrong(tmp_path: Path, name: str, content: str, m
         load_dataset(path)
 
 
+def test_visual_prompts_are_read_per_category(tmp_path: Path) -> None:
+    line = {"image_path": "a.jpg", "categories": ["apple"], "gt": {"apple": [[0, 0, 9, 9]]}}
+    path = tmp_path / "vp.jsonl"
+    path.write_text(json.dumps({**line, "visual_prompt": {"apple": [[1, 2, 3, 4], [5, 6, 7, 8]]}}))
+    (sample,) = load_dataset(path)
+    assert sample.visual_prompts == (("apple", ((1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0))),)
+    path.write_text(json.dumps({**line, "visual_prompt": {"apple": []}}))
+    with pytest.raises(DatasetError, match="non-empty list of boxes"):
+        load_dataset(path)
+
+
 def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="No such file"):
         load_dataset(tmp_path / "nope.json")

@@ -3,6 +3,7 @@
 rexomni evaluate instances_val2017.json --images val2017 --concurrency 32 --report coco.json
 rexomni evaluate RefCOCOg_val.jsonl --images Rex-Omni-Eval --limit 500
 rexomni evaluate COCO_point.jsonl --images Rex-Omni-Eval --task pointing
+rexomni evaluate FSCD_test.jsonl --images Rex-Omni-Eval --task visual_prompting
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pydantic import ValidationError
 
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample, load_dataset
 from rexomni_client.evaluation.report import category_table, report_dict, table
-from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, ServerUnreachable, evaluate
+from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, Query, ServerUnreachable, evaluate
 from rexomni_client.http import AsyncRexOmniClient, build_params
 from rexomni_server.schemas import DetectResult
+from rexomni_server.tasks import Task
 
 
 def add_evaluate_parser(sub: Any) -> None:
@@ -70,8 +72,10 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
     try:
         async with AsyncRexOmniClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
 
-            async def detect(sample: EvalSample, image: bytes) -> DetectResult:
-                return await client.detect(image, args.task, list(sample.categories), **options)
+            async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
+                boxes = query.visual_prompt_boxes
+                prompt = {"visual_prompt_boxes": [list(b) for b in boxes]} if boxes else {}
+                return await client.detect(image, task.value, list(query.categories), **prompt, **options)
 
             return await evaluate(samples, detect, args.task, concurrency=args.concurrency, on_record=on_record)
     finally:
@@ -82,7 +86,8 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
 def run_evaluate(args: argparse.Namespace) -> int:
     try:
         options = json.loads(args.options)
-        build_params(args.task, ["x"], **options)  # the server's own validation, before any request
+        # The server's own validation, before any request.
+        build_params(args.task, ["x"], visual_prompt_boxes=[[0, 0, 1, 1]], **options)
         samples = load_dataset(args.annotations, args.images, args.format)
     except json.JSONDecodeError as exc:
         print(f"error: --options is not JSON: {exc.msg}", file=sys.stderr)

@@ -9,6 +9,7 @@ without annotations are left out. Boxes are converted from COCO's [x, y, w, h] t
 Rex-Omni JSONL: ``gt`` maps each phrase to boxes [x0, y0, x1, y1] (or polygons of more than
 four values), or holds ``gt_mask`` mapping each phrase to COCO RLE masks (pointing); for GUI
 data it is a single box. Images asked for one phrase are matched without regard to labels.
+Visual-prompt data adds ``visual_prompt``: each category's reference boxes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class EvalSample:
     image: Path
     categories: tuple[str, ...]
     truths: tuple[Truth, ...]
+    # Visual prompting: reference boxes per category, each category asked on its own.
+    visual_prompts: tuple[tuple[str, tuple[XYXY, ...]], ...] = ()
 
     @property
     def single_phrase(self) -> bool:
@@ -180,4 +183,16 @@ def _jsonl_samples(text: str, root: Path, path: Path) -> Iterator[EvalSample]:
             image=root / image_path,
             categories=tuple(categories),
             truths=tuple(_jsonl_truths(gt, categories, where)),
+            visual_prompts=_visual_prompts(entry.get("visual_prompt"), where),
         )
+
+
+def _visual_prompts(raw: Any, where: str) -> tuple[tuple[str, tuple[XYXY, ...]], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(boxes, list) and boxes for boxes in raw.values()):
+        raise DatasetError(f"{where}: visual_prompt must map each category to a non-empty list of boxes")
+    return tuple(
+        (category, tuple(_xyxy(box, f"{where} visual_prompt[{category!r}]") for box in boxes))
+        for category, boxes in raw.items()
+    )

@@ -18,6 +18,7 @@ import httpx
 
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample
 from rexomni_client.evaluation.scoring import (
+    XYXY,
     Prediction,
     SampleScore,
     Summary,
@@ -33,10 +34,28 @@ from rexomni_server.tasks import TASKS, Geometry, Task
 
 # Tasks whose answers can be scored against boxes or regions.
 EVALUATED_TASKS: dict[Task, Geometry] = {
-    task: TASKS[task].geometry for task in (Task.DETECTION, Task.POINTING, Task.GUI_GROUNDING, Task.GUI_POINTING)
+    task: TASKS[task].geometry
+    for task in (Task.DETECTION, Task.POINTING, Task.VISUAL_PROMPTING, Task.GUI_GROUNDING, Task.GUI_POINTING)
 }
 
-Detect = Callable[[EvalSample, bytes], Awaitable[DetectResult]]
+
+@dataclass(frozen=True)
+class Query:
+    """One request of an image's evaluation: its categories, or (visual prompting) one
+    category's reference boxes, whose answers then count for that category."""
+
+    categories: tuple[str, ...]
+    visual_prompt_boxes: tuple[XYXY, ...] | None = None
+    label: str | None = None
+
+
+def queries_for(task: Task, sample: EvalSample) -> list[Query]:
+    if task is Task.VISUAL_PROMPTING:
+        return [Query((), boxes, category) for category, boxes in sample.visual_prompts]
+    return [Query(sample.categories)]
+
+
+Detect = Callable[[Task, Query, bytes], Awaitable[DetectResult]]
 OnRecord = Callable[[dict[str, Any]], None]
 
 
@@ -66,6 +85,10 @@ def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
     if parsed not in EVALUATED_TASKS:
         raise DatasetError(f"task {task!r} cannot be scored; choose one of {', '.join(EVALUATED_TASKS)}")
     assert parsed is not None
+    if parsed is Task.VISUAL_PROMPTING:
+        unprompted = next((s for s in samples if not s.visual_prompts), None)
+        if unprompted is not None:
+            raise DatasetError(f"sample {unprompted.sample_id} has no visual_prompt boxes to ask with")
     if EVALUATED_TASKS[parsed] is Geometry.BOX:
         unboxed = next((s for s in samples if not s.boxed), None)
         if unboxed is not None:
@@ -75,13 +98,15 @@ def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
     return parsed
 
 
-def predictions_of(result: DetectResult) -> list[Prediction]:
+def predictions_of(result: DetectResult, label: str | None = None) -> list[Prediction]:
+    """The scorable detections; ``label`` replaces the model's own (visual prompting)."""
     predictions = []
     for det in result.detections:
+        name = label if label is not None else det.label
         if isinstance(det, BoxDetection | KeypointsDetection):
-            predictions.append(Prediction(det.label, box=tuple(det.box)))  # type: ignore[arg-type]
+            predictions.append(Prediction(name, box=tuple(det.box)))  # type: ignore[arg-type]
         elif isinstance(det, PointDetection):
-            predictions.append(Prediction(det.label, point=tuple(det.point)))  # type: ignore[arg-type]
+            predictions.append(Prediction(name, point=tuple(det.point)))  # type: ignore[arg-type]
     return predictions
 
 
@@ -131,23 +156,31 @@ async def evaluate(
             start = time.perf_counter()
             try:
                 image = await asyncio.to_thread(sample.image.read_bytes)
-                result = await detect(sample, image)
+                queries = queries_for(parsed, sample)
+                results = [await detect(parsed, query, image) for query in queries]
             except (OSError, RexOmniHTTPError, httpx.TimeoutException) as exc:
                 run.failed[sample.sample_id] = record["error"] = _describe(exc)
             else:
                 latency = (time.perf_counter() - start) * 1000
-                answers[sample.sample_id] = predictions = predictions_of(result)
+                answered = list(zip(queries, results, strict=True))
+                predictions = [p for query, result in answered for p in predictions_of(result, query.label)]
+                answers[sample.sample_id] = predictions
                 score = score_predictions(parsed, sample.truths, predictions, sample.single_phrase)
                 scores[sample.sample_id] = score
-                run.detections += len(result.detections)
-                run.length_limited += result.finish_reason == "length"
+                run.detections += len(predictions)
+                cut_off = any(result.finish_reason == "length" for result in results)
+                run.length_limited += cut_off
                 run.latencies_ms.append(latency)
                 record.update(
                     latency_ms=round(latency, 1),
-                    finish_reason=result.finish_reason,
+                    finish_reason="length" if cut_off else results[-1].finish_reason,
                     truths=score.truths,
                     matches=dict(score.matches),
-                    detections=[d.model_dump(mode="json") for d in result.detections],
+                    detections=[
+                        {**d.model_dump(mode="json"), **({"label": query.label} if query.label else {})}
+                        for query, result in answered
+                        for d in result.detections
+                    ],
                 )
             if on_record is not None:
                 on_record(record)
