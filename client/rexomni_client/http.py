@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import connect_sse
+from httpx_sse import aconnect_sse, connect_sse
 from pydantic import TypeAdapter
 
 from rexomni_server.schemas import DetectionModel, DetectOptions, DetectParams, DetectRequest, DetectResult
@@ -138,6 +138,22 @@ class AsyncRexOmniClient:
     ) -> DetectResult:
         request = build_request(image, task, categories, **kw)
         return _result(await self._http.post("/v1/detect", json=request.model_dump(mode="json")))
+
+    async def detect_stream(
+        self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
+    ) -> AsyncIterator[DetectionModel | DetectResult]:
+        """Server-sent events: each detection as soon as it is decoded, then the full result.
+        Closing the stream early (``async with contextlib.aclosing(...)``, then ``break``)
+        closes the connection, and the server stops generating."""
+        request = build_request(image, task, categories, **kw)
+        async with aconnect_sse(
+            self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")
+        ) as source:
+            if source.response.status_code >= 400:
+                await source.response.aread()
+                _result(source.response)
+            async for sse in source.aiter_sse():
+                yield _stream_event(sse.event, sse.data)
 
     async def aclose(self) -> None:
         await self._http.aclose()

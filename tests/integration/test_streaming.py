@@ -336,3 +336,32 @@ async def test_python_clients_stream_over_http_and_grpc(live_servers: tuple[str,
     with pytest.raises(RexOmniHTTPError) as err:
         await asyncio.to_thread(run_http_error)
     assert err.value.status == 400
+
+
+async def test_async_client_streams_and_closing_early_stops_the_server(
+    live_servers: tuple[str, str], tiny_runtime: Runtime
+) -> None:
+    from rexomni_client import AsyncRexOmniClient, RexOmniHTTPError
+    from rexomni_server.schemas import DetectResult
+
+    url, _ = live_servers
+    metrics = tiny_runtime.service.metrics
+    async with AsyncRexOmniClient(url) as client:
+        items = [
+            item async for item in client.detect_stream(PNG, "detection", ["person"], forced_output=forced_boxes(3))
+        ]
+        assert len(items) == 4 and isinstance(items[-1], DetectResult) and items[:3] == items[-1].detections
+
+        cancelled = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+        stream = client.detect_stream(PNG, "detection", ["person"], forced_output=forced_boxes(400))
+        async with contextlib.aclosing(stream):
+            async for first in stream:
+                assert not isinstance(first, DetectResult)
+                break
+        await wait_idle(tiny_runtime)
+        after = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+        assert after == cancelled + 1
+
+        with pytest.raises(RexOmniHTTPError) as err:
+            [item async for item in client.detect_stream(b"nope", "detection", ["person"])]
+        assert err.value.status == 400
