@@ -1,8 +1,8 @@
-"""gRPC client (unary and server streaming) returning the server's typed results."""
+"""gRPC clients (sync and asyncio; unary and server streaming) returning the server's typed results."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -11,6 +11,27 @@ from rexomni_client.http import ImageInput, build_params, image_bytes_of
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.schemas import DetectionModel, DetectResult
 from rexomni_server.transport.convert import detection_from_pb, params_to_pb, result_from_pb
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _request(image: ImageInput, task: str, categories: Sequence[str] | str, **kw: Any) -> Any:
+    return params_to_pb(build_params(task, categories, **kw), image_bytes_of(image))
+
+
+def _event(event: Any) -> DetectionModel | DetectResult:
+    if event.WhichOneof("event") == "detection":
+        return detection_from_pb(event.detection.detection)
+    return result_from_pb(event.done)
 
 
 class RexOmniGrpcClient:
@@ -23,36 +44,24 @@ class RexOmniGrpcClient:
         max_message_bytes: int = 64 << 20,
         api_key: str | None = None,
     ) -> None:
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-
-    def _request(self, image: ImageInput, task: str, categories: Sequence[str] | str, **kw: Any) -> Any:
-        return params_to_pb(build_params(task, categories, **kw), image_bytes_of(image))
+        self._metadata = _metadata(api_key)
 
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        response = self._stub.Detect(
-            self._request(image, task, categories, **kw), timeout=self._timeout, metadata=self._metadata
-        )
-        return result_from_pb(response)
+        request = _request(image, task, categories, **kw)
+        return result_from_pb(self._stub.Detect(request, timeout=self._timeout, metadata=self._metadata))
 
     def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> Iterator[DetectionModel | DetectResult]:
         """Each detection as soon as the server decodes it, then the full result."""
-        request = self._request(image, task, categories, **kw)
+        request = _request(image, task, categories, **kw)
         for event in self._stub.DetectStream(request, timeout=self._timeout, metadata=self._metadata):
-            if event.WhichOneof("event") == "detection":
-                yield detection_from_pb(event.detection.detection)
-            else:
-                yield result_from_pb(event.done)
+            yield _event(event)
 
     def close(self) -> None:
         self._channel.close()
@@ -62,3 +71,48 @@ class RexOmniGrpcClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncRexOmniGrpcClient:
+    """The asyncio version (grpc.aio): ``async with AsyncRexOmniGrpcClient(target) as client``."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        timeout: float = 600.0,
+        max_message_bytes: int = 64 << 20,
+        api_key: str | None = None,
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+        self._metadata = _metadata(api_key)
+
+    async def detect(
+        self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
+    ) -> DetectResult:
+        request = _request(image, task, categories, **kw)
+        return result_from_pb(await self._stub.Detect(request, timeout=self._timeout, metadata=self._metadata))
+
+    async def detect_stream(
+        self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
+    ) -> AsyncIterator[DetectionModel | DetectResult]:
+        """Each detection as soon as the server decodes it, then the full result. Closing the
+        stream early cancels the call, and the server stops generating."""
+        call = self._stub.DetectStream(
+            _request(image, task, categories, **kw), timeout=self._timeout, metadata=self._metadata
+        )
+        try:
+            async for event in call:
+                yield _event(event)
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRexOmniGrpcClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

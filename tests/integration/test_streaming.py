@@ -365,3 +365,29 @@ async def test_async_client_streams_and_closing_early_stops_the_server(
         with pytest.raises(RexOmniHTTPError) as err:
             [item async for item in client.detect_stream(b"nope", "detection", ["person"])]
         assert err.value.status == 400
+
+
+async def test_async_grpc_client_matches_and_cancels(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+    from rexomni_client import AsyncRexOmniGrpcClient
+    from rexomni_server.schemas import DetectResult
+
+    _, target = live_servers
+    metrics = tiny_runtime.service.metrics
+    async with AsyncRexOmniGrpcClient(target) as client:
+        unary = await client.detect(PNG, "detection", ["person"], forced_output=forced_boxes(3))
+        items = [item async for item in client.detect_stream(PNG, "detection", "person", forced_output=forced_boxes(3))]
+        assert len(unary.detections) == 3 and items[:3] == unary.detections
+        assert isinstance(items[-1], DetectResult) and items[-1].detections == unary.detections
+
+        cancelled = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+        stream = client.detect_stream(PNG, "detection", ["person"], forced_output=forced_boxes(400))
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                break
+        await wait_idle(tiny_runtime)
+        after = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+        assert after == cancelled + 1
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.detect(b"nope", "detection", ["person"])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
