@@ -22,6 +22,7 @@ RUN python3 -m pip install ".[transformers]" && rexomni-server --help >/dev/null
 
 EXPOSE 8000 50051
 # The model loads for a minute or more on first start (download + CUDA graphs).
+# With REXOMNI_TLS_CERT_FILE set the port speaks HTTPS (the probe skips verification: it is localhost).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
-  CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
+  CMD python3 -c "import os,ssl,sys,urllib.request as u; tls=bool(os.environ.get('REXOMNI_TLS_CERT_FILE')); sys.exit(u.urlopen(('https' if tls else 'http')+'://127.0.0.1:8000/ready', context=ssl._create_unverified_context() if tls else None).status != 200)"
 ENTRYPOINT ["rexomni-server", "serve"]

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", default=os.environ.get("REXOMNI_URL", "http://127.0.0.1:8000"), help="HTTP server base URL"
     )
     parser.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC endpoint instead of HTTP")
+    parser.add_argument("--ca-file", help="CA certificate to trust for https:// and gRPC over TLS (private CAs)")
+    parser.add_argument("--tls", action="store_true", help="gRPC over TLS with the system's trusted roots")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("REXOMNI_API_KEY"),
@@ -54,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
     client: RexOmniClient | RexOmniGrpcClient
     if args.grpc:
-        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key)
+        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
     else:
-        client = RexOmniClient(args.url, api_key=args.api_key)
+        client = RexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file)
     with client:
         if args.stream:
             yield from client.detect_stream(args.image, args.task, args.categories, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,13 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def _credentials(tls: bool, ca_file: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (system roots, or a private CA's certificate), or None for plaintext."""
+    if not (tls or ca_file):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -43,8 +51,16 @@ class RexOmniGrpcClient:
         timeout: float = 600.0,
         max_message_bytes: int = 64 << 20,
         api_key: str | None = None,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls, ca_file)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(target, options=options)
+        )
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._metadata = _metadata(api_key)
@@ -82,8 +98,16 @@ class AsyncRexOmniGrpcClient:
         timeout: float = 600.0,
         max_message_bytes: int = 64 << 20,
         api_key: str | None = None,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls, ca_file)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=options)
+        )
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._metadata = _metadata(api_key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def tls_verify(ca_file: str | Path | None) -> ssl.SSLContext | bool:
+    """For https:// URLs: the system's trusted roots, or a private CA's certificate."""
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+
+
 def _raise_for_error(status: int, payload: Any, text: str) -> None:
     try:
         error = payload["error"]
@@ -95,9 +101,15 @@ class RexOmniClient:
     """``RexOmniClient("http://127.0.0.1:8000").detect("photo.jpg", categories=["person"])``"""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, api_key: str | None = None
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=auth_headers(api_key))
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=tls_verify(ca_file)
+        )
 
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
@@ -129,9 +141,15 @@ class RexOmniClient:
 
 class AsyncRexOmniClient:
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, api_key: str | None = None
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=auth_headers(api_key))
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=tls_verify(ca_file)
+        )
 
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any

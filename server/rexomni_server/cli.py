@@ -24,6 +24,8 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_concurrency",
         "log_level",
         "api_keys_file",
+        "tls_cert_file",
+        "tls_key_file",
     )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     for flag in ("fallback_to_tiny", "allow_forced_output"):
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     serve.add_argument("--max-concurrency", type=int, dest="max_concurrency")
     serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument("--tls-cert-file", dest="tls_cert_file", help="PEM certificate: serve HTTPS and gRPC over TLS")
+    serve.add_argument("--tls-key-file", dest="tls_key_file", help="PEM private key of --tls-cert-file")
     serve.add_argument(
         "--api-keys-file",
         dest="api_keys_file",

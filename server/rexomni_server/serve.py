@@ -53,10 +53,21 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
         servers.grpc = GrpcServer(runtime, host, grpc_port)
         await servers.grpc.start()
         servers.grpc_port = servers.grpc.port
-        log.info("gRPC listening", extra={"fields": {"host": host, "port": servers.grpc_port}})
+        fields = {"host": host, "port": servers.grpc_port, "tls": runtime.settings.tls}
+        log.info("gRPC listening", extra={"fields": fields})
     if http_port is not None:
         app = create_app(runtime=runtime, manage_runtime=False)
-        config = uvicorn.Config(app, host=host, port=http_port, log_config=None, access_log=False, lifespan="off")
+        settings = runtime.settings
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=settings.tls_cert_file,
+            ssl_keyfile=settings.tls_key_file,
+        )
         servers.http = uvicorn.Server(config)
         servers.http_task = asyncio.create_task(servers.http.serve())
         while not servers.http.started:
@@ -65,7 +76,8 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
                 raise OSError(f"HTTP server could not start on {host}:{http_port}")
             await asyncio.sleep(0.01)
         servers.http_port = servers.http.servers[0].sockets[0].getsockname()[1]
-        log.info("HTTP listening", extra={"fields": {"host": host, "port": servers.http_port}})
+        fields = {"host": host, "port": servers.http_port, "tls": settings.tls}
+        log.info("HTTPS listening" if settings.tls else "HTTP listening", extra={"fields": fields})
     return servers
 
 

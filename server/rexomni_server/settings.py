@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="A file of API keys, one per line (e.g. a mounted secret); adds to api_keys."
     )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain): HTTPS and gRPC over TLS on the same ports."
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
@@ -118,7 +122,16 @@ class Settings(BaseSettings):
             raise ValueError("enable at least one of HTTP and gRPC")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("max_new_tokens must not exceed max_new_tokens_limit")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:

@@ -69,7 +69,7 @@ def test_compose_and_dockerfile_expose_the_server_ports_and_probe_a_real_path() 
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {SERVER.port} {SERVER.grpc_port}" in dockerfile
-    probed = re.findall(r"http://127\.0\.0\.1:\d+(/\w+)", dockerfile)
+    probed = re.findall(r"://127\.0\.0\.1:\d+(/\w+)", dockerfile)
     assert probed and set(probed) <= HTTP_PATHS
 
 

@@ -70,7 +70,9 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
         tick(record)
 
     try:
-        async with AsyncRexOmniClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
+        async with AsyncRexOmniClient(
+            args.url, timeout=args.timeout, api_key=args.api_key, ca_file=args.ca_file
+        ) as client:
 
             async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
                 boxes = query.visual_prompt_boxes

@@ -149,7 +149,12 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        settings = runtime.settings
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+            self.port = self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([pair]))
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
