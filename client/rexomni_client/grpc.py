@@ -21,11 +21,14 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def _credentials(tls: bool, ca_file: str | Path | None) -> grpc.ChannelCredentials | None:
-    """TLS credentials (system roots, or a private CA's certificate), or None for plaintext."""
+def _open_channel(api: Any, target: str, max_message_bytes: int, tls: bool, ca_file: str | Path | None) -> Any:
+    """A channel from ``api`` (``grpc`` or ``grpc.aio``): TLS with the system roots or a
+    private CA's certificate, else plaintext."""
+    options = _channel_options(max_message_bytes)
     if not (tls or ca_file):
-        return None
-    return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
+        return api.insecure_channel(target, options=options)
+    roots = Path(ca_file).read_bytes() if ca_file else None
+    return api.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -42,8 +45,8 @@ def _event(event: Any) -> DetectionModel | DetectResult:
     return result_from_pb(event.done)
 
 
-class RexOmniGrpcClient:
-    """``RexOmniGrpcClient("127.0.0.1:50051").detect("photo.jpg", categories=["person"])``"""
+class _GrpcClientBase:
+    _api: Any = grpc  # grpc or grpc.aio
 
     def __init__(
         self,
@@ -54,16 +57,14 @@ class RexOmniGrpcClient:
         tls: bool = False,
         ca_file: str | Path | None = None,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls, ca_file)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
-            if credentials
-            else grpc.insecure_channel(target, options=options)
-        )
+        self._channel = _open_channel(self._api, target, max_message_bytes, tls, ca_file)
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._metadata = _metadata(api_key)
+
+
+class RexOmniGrpcClient(_GrpcClientBase):
+    """``RexOmniGrpcClient("127.0.0.1:50051").detect("photo.jpg", categories=["person"])``"""
 
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
@@ -89,28 +90,10 @@ class RexOmniGrpcClient:
         self.close()
 
 
-class AsyncRexOmniGrpcClient:
+class AsyncRexOmniGrpcClient(_GrpcClientBase):
     """The asyncio version (grpc.aio): ``async with AsyncRexOmniGrpcClient(target) as client``."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        timeout: float = 600.0,
-        max_message_bytes: int = 64 << 20,
-        api_key: str | None = None,
-        tls: bool = False,
-        ca_file: str | Path | None = None,
-    ) -> None:
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls, ca_file)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options=options)
-        )
-        self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
-        self._timeout = timeout
-        self._metadata = _metadata(api_key)
+    _api = grpc.aio
 
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any

@@ -64,9 +64,19 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def tls_verify(ca_file: str | Path | None) -> ssl.SSLContext | bool:
-    """For https:// URLs: the system's trusted roots, or a private CA's certificate."""
-    return ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+class _HTTPClientBase:
+    _http_class: Any = httpx.Client  # or httpx.AsyncClient
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        ca_file: str | Path | None = None,
+    ) -> None:
+        # https:// URLs trust the system's roots, or the CA in ca_file (a private CA).
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self._http = self._http_class(base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=verify)
 
 
 def _raise_for_error(status: int, payload: Any, text: str) -> None:
@@ -97,19 +107,10 @@ def _stream_event(event: str, data: str) -> DetectionModel | DetectResult:
     raise RexOmniHTTPError(200, error.get("code", "stream_error"), error.get("message", data))
 
 
-class RexOmniClient:
+class RexOmniClient(_HTTPClientBase):
     """``RexOmniClient("http://127.0.0.1:8000").detect("photo.jpg", categories=["person"])``"""
 
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        timeout: float = 600.0,
-        api_key: str | None = None,
-        ca_file: str | Path | None = None,
-    ) -> None:
-        self._http = httpx.Client(
-            base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=tls_verify(ca_file)
-        )
+    _http: httpx.Client
 
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
@@ -139,17 +140,9 @@ class RexOmniClient:
         self.close()
 
 
-class AsyncRexOmniClient:
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        timeout: float = 600.0,
-        api_key: str | None = None,
-        ca_file: str | Path | None = None,
-    ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=tls_verify(ca_file)
-        )
+class AsyncRexOmniClient(_HTTPClientBase):
+    _http_class = httpx.AsyncClient
+    _http: httpx.AsyncClient
 
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
