@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,12 +37,20 @@ class RunningServers:
     grpc_port: int | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self.http is not None and self.http_task is not None:
-            self.http.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.http_task
-        if self.grpc is not None:
-            await self.grpc.stop(grace_s)
+        """Stop accepting on both at once, then let in-flight requests finish for up to
+        ``grace_s`` (uvicorn's own graceful-shutdown timeout is the same setting)."""
+
+        async def stop_http() -> None:
+            if self.http is not None and self.http_task is not None:
+                self.http.should_exit = True
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.http_task
+
+        async def stop_grpc() -> None:
+            if self.grpc is not None:
+                await self.grpc.stop(grace_s)
+
+        await asyncio.gather(stop_http(), stop_grpc())
 
 
 async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None) -> RunningServers:
@@ -67,6 +76,8 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
             lifespan="off",
             ssl_certfile=settings.tls_cert_file,
             ssl_keyfile=settings.tls_key_file,
+            # A second more than the SSE streams' own grace, so they end cleanly first.
+            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 1,
         )
         servers.http = uvicorn.Server(config)
         servers.http_task = asyncio.create_task(servers.http.serve())
@@ -102,6 +113,6 @@ async def serve(settings: Settings) -> None:
             waiters.append(servers.http_task)  # type: ignore[arg-type]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        log.info("shutting down")
-        await servers.stop()
+        log.info("shutting down", extra={"fields": {"in_flight": runtime.service.in_flight}})
+        await servers.stop(settings.drain_timeout_s)
         await runtime.stop()

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     grpc_enabled: bool = True
     max_queue: int = Field(default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it.")
     request_timeout_s: float = Field(default=600.0, gt=0)
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cut "
+        "(new connections are refused at once).",
+    )
     allow_forced_output: bool = Field(
         default=False, description="Accept options.forced_output (tests and benchmarks only)."
     )

@@ -3,11 +3,14 @@ client and the ``rexomni`` CLI against it, and the offline fallback to the tiny 
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +163,45 @@ def test_offline_fallback_serves_the_labelled_tiny_model(tiny_model_dir: Path) -
     for _, _, health in serve(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
         assert health["random_weights"] is True
         assert "RANDOM WEIGHTS" in str(health["model"])
+
+
+def _stream_until_done(url: str, forced: str, first: threading.Event) -> list[str]:
+    """The SSE event names of one streamed request; sets ``first`` at the first detection."""
+    body = {"image": base64.b64encode(image_bytes(64, 48)).decode(), "categories": ["cat"]}
+    body["options"] = {"forced_output": forced}
+    events = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/detect/stream", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+                    first.set()
+    except httpx.HTTPError:
+        events.append("connection-lost")
+    first.set()
+    return events
+
+
+@pytest.mark.parametrize(("drain_s", "boxes", "finishes"), [("30", 60, True), ("0.2", 800, False)])
+def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
+    tiny_model_dir: Path, drain_s: str, boxes: int, finishes: bool
+) -> None:
+    forced = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>"
+    forced += ", ".join(f"<{i}><{i}><{i + 9}><{i + 9}>" for i in range(boxes)) + "<|box_end|>"
+    args = ["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"]
+    for url, proc, _ in serve(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
+        first = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            streamed = pool.submit(_stream_until_done, url, forced, first)
+            assert first.wait(60)
+            sent = time.monotonic()
+            proc.terminate()  # SIGTERM while the answer is being generated
+            events = streamed.result(timeout=90)
+            assert proc.wait(timeout=60) == 0
+            took = time.monotonic() - sent
+        with pytest.raises(httpx.TransportError):  # no longer accepting
+            httpx.get(f"{url}/health", timeout=2)
+        if finishes:
+            assert events.count("detection") == boxes and events[-1] == "done"
+        else:  # cut at the drain timeout, long before the 800 boxes (~15 s of work) were written
+            assert "done" not in events and took < 10

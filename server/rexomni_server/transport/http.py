@@ -195,7 +195,10 @@ async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSou
             # aborts the engine request.
             await events.aclose()  # type: ignore[attr-defined]
 
-    return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid})
+    # On shutdown a stream may finish for up to the drain timeout before it is cut (by default
+    # sse-starlette would end every stream the moment the server is told to stop).
+    grace = _runtime(request).settings.drain_timeout_s
+    return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid}, shutdown_grace_period=grace)
 
 
 def build_router() -> APIRouter:
