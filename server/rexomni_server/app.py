@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -126,6 +127,27 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def document_api_keys(app: FastAPI) -> None:
+    """Declare the API-key schemes in the OpenAPI document, on the detection operations only,
+    so generated clients and the /docs page know to send a key."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+            }
+            for path in DETECT_PATHS:
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def max_body_bytes(settings: Settings) -> int:
     """The largest useful body: a base64 image at the byte limit, plus room for the fields."""
     return settings.max_image_bytes * 4 // 3 + (1 << 20)
@@ -158,6 +180,8 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(build_router())
+    if runtime.api_keys.enabled:
+        document_api_keys(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(settings))
     app.add_middleware(ApiKeyMiddleware, runtime=runtime)  # outside the body limit: checked first
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids reach every response

@@ -124,3 +124,12 @@ async def test_clients_and_cli_send_the_key(
     monkeypatch.setenv("REXOMNI_API_KEY", "file-key")
     assert await asyncio.to_thread(client_main, ["--url", url, "detect", str(image), "--categories", "cat"]) == 0
     assert json.loads(capsys.readouterr().out)["detections"][0]["label"] == "cat"
+
+
+async def test_openapi_declares_the_key_on_detection_only(keyed: tuple[Runtime, str, str]) -> None:
+    _, url, _ = keyed
+    async with httpx.AsyncClient(base_url=url) as client:
+        schema = (await client.get("/openapi.json")).json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader"}
+    assert schema["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
