@@ -1,8 +1,9 @@
 # Rex-Omni server for NVIDIA GPUs (A100/H100) on the vLLM engine.
 #   docker build -t rexomni .
 #   docker run --gpus all -p 8000:8000 -p 50051:50051 -v ~/.cache/huggingface:/root/.cache/huggingface rexomni
-# The base image brings vLLM with its matching CUDA torch; our package adds the server on top
-# without replacing either (its torch/transformers ranges accept the image's versions).
+# The base image brings vLLM with its matching CUDA torch, torchvision and transformers; our
+# package adds the server on top and may never replace them: they are pinned to the image's
+# own versions while it installs (a conflict fails the build instead of breaking vLLM).
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 FROM ${VLLM_IMAGE}
 
@@ -18,7 +19,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY client ./client
-RUN python3 -m pip install ".[transformers]" && rexomni-server --help >/dev/null
+RUN python3 -m pip freeze | grep -iE '^(torch|torchvision|transformers|tokenizers|vllm)==' > /tmp/image-pins.txt \
+ && python3 -m pip install --constraint /tmp/image-pins.txt . \
+ && rexomni-server --help >/dev/null
 
 EXPOSE 8000 50051
 # The model loads for a minute or more on first start (download + CUDA graphs).
