@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", help="CA certificate to trust for https:// and gRPC over TLS (private CAs)")
     parser.add_argument("--tls", action="store_true", help="gRPC over TLS with the system's trusted roots")
     parser.add_argument(
+        "--retries",
+        type=int,
+        help="HTTP: re-sends of a request refused with 429/503, after Retry-After (default 2; evaluate: 5)",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("REXOMNI_API_KEY"),
         help="the server's API key, if it requires one (default: $REXOMNI_API_KEY)",
@@ -58,7 +63,9 @@ def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[Detect
     if args.grpc:
         client = RexOmniGrpcClient(args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
     else:
-        client = RexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file)
+        client = RexOmniClient(
+            args.url, api_key=args.api_key, ca_file=args.ca_file, retries=2 if args.retries is None else args.retries
+        )
     with client:
         if args.stream:
             yield from client.detect_stream(args.image, args.task, args.categories, **kwargs)

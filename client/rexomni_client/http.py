@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,20 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+# Statuses that mean "not now" (overloaded, still loading): worth asking again after Retry-After.
+RETRY_STATUSES = frozenset({429, 503})
+MAX_RETRY_WAIT_S = 30.0
+
+
+def retry_delay(response: httpx.Response, attempt: int) -> float:
+    """Seconds to wait before asking again: the server's Retry-After, else exponential backoff."""
+    try:
+        delay = float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        delay = 0.5 * 2**attempt
+    return min(max(delay, 0.0), MAX_RETRY_WAIT_S)
+
+
 class _HTTPClientBase:
     _http_class: Any = httpx.Client  # or httpx.AsyncClient
 
@@ -73,7 +89,11 @@ class _HTTPClientBase:
         timeout: float = 600.0,
         api_key: str | None = None,
         ca_file: str | Path | None = None,
+        retries: int = 2,
     ) -> None:
+        """``retries``: how often a request refused with 429 (overloaded) or 503 (loading) is
+        sent again, after the server's Retry-After; 0 raises at once."""
+        self._retries = max(0, retries)
         # https:// URLs trust the system's roots, or the CA in ca_file (a private CA).
         verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         self._http = self._http_class(base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=verify)
@@ -115,20 +135,32 @@ class RexOmniClient(_HTTPClientBase):
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        request = build_request(image, task, categories, **kw)
-        return _result(self._http.post("/v1/detect", json=request.model_dump(mode="json")))
+        body = build_request(image, task, categories, **kw).model_dump(mode="json")
+        for attempt in range(self._retries + 1):
+            response = self._http.post("/v1/detect", json=body)
+            if response.status_code not in RETRY_STATUSES or attempt == self._retries:
+                break
+            time.sleep(retry_delay(response, attempt))
+        return _result(response)
 
     def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> Iterator[DetectionModel | DetectResult]:
         """Server-sent events: each detection as soon as it is decoded, then the full result."""
-        request = build_request(image, task, categories, **kw)
-        with connect_sse(self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")) as source:
-            if source.response.status_code >= 400:
-                source.response.read()
-                _result(source.response)
-            for sse in source.iter_sse():
-                yield _stream_event(sse.event, sse.data)
+        body = build_request(image, task, categories, **kw).model_dump(mode="json")
+        for attempt in range(self._retries + 1):
+            with connect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
+                response = source.response
+                if response.status_code in RETRY_STATUSES and attempt < self._retries:
+                    response.read()
+                    time.sleep(retry_delay(response, attempt))
+                    continue
+                if response.status_code >= 400:
+                    response.read()
+                    _result(response)
+                for sse in source.iter_sse():
+                    yield _stream_event(sse.event, sse.data)
+                return
 
     def close(self) -> None:
         self._http.close()
@@ -147,8 +179,13 @@ class AsyncRexOmniClient(_HTTPClientBase):
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        request = build_request(image, task, categories, **kw)
-        return _result(await self._http.post("/v1/detect", json=request.model_dump(mode="json")))
+        body = build_request(image, task, categories, **kw).model_dump(mode="json")
+        for attempt in range(self._retries + 1):
+            response = await self._http.post("/v1/detect", json=body)
+            if response.status_code not in RETRY_STATUSES or attempt == self._retries:
+                break
+            await asyncio.sleep(retry_delay(response, attempt))
+        return _result(response)
 
     async def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
@@ -156,15 +193,20 @@ class AsyncRexOmniClient(_HTTPClientBase):
         """Server-sent events: each detection as soon as it is decoded, then the full result.
         Closing the stream early (``async with contextlib.aclosing(...)``, then ``break``)
         closes the connection, and the server stops generating."""
-        request = build_request(image, task, categories, **kw)
-        async with aconnect_sse(
-            self._http, "POST", "/v1/detect/stream", json=request.model_dump(mode="json")
-        ) as source:
-            if source.response.status_code >= 400:
-                await source.response.aread()
-                _result(source.response)
-            async for sse in source.aiter_sse():
-                yield _stream_event(sse.event, sse.data)
+        body = build_request(image, task, categories, **kw).model_dump(mode="json")
+        for attempt in range(self._retries + 1):
+            async with aconnect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
+                response = source.response
+                if response.status_code in RETRY_STATUSES and attempt < self._retries:
+                    await response.aread()
+                    await asyncio.sleep(retry_delay(response, attempt))
+                    continue
+                if response.status_code >= 400:
+                    await response.aread()
+                    _result(response)
+                async for sse in source.aiter_sse():
+                    yield _stream_event(sse.event, sse.data)
+                return
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -71,7 +71,11 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
 
     try:
         async with AsyncRexOmniClient(
-            args.url, timeout=args.timeout, api_key=args.api_key, ca_file=args.ca_file
+            args.url,
+            timeout=args.timeout,
+            api_key=args.api_key,
+            ca_file=args.ca_file,
+            retries=5 if args.retries is None else args.retries,
         ) as client:
 
             async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
