@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries",
         type=int,
-        help="HTTP: re-sends of a request refused with 429/503, after Retry-After (default 2; evaluate: 5)",
+        help="re-sends of a request refused as overloaded or loading (429/503, RESOURCE_EXHAUSTED/"
+        "UNAVAILABLE), after the server's Retry-After (default 2; evaluate: 5)",
     )
     parser.add_argument(
         "--api-key",
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
     client: RexOmniClient | RexOmniGrpcClient
     if args.grpc:
-        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file)
+        retries = 2 if args.retries is None else args.retries
+        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=retries)
     else:
         client = RexOmniClient(
             args.url, api_key=args.api_key, ca_file=args.ca_file, retries=2 if args.retries is None else args.retries

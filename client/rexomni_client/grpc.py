@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,33 @@ from rexomni_server.schemas import DetectionModel, DetectResult
 from rexomni_server.transport.convert import detection_from_pb, params_to_pb, result_from_pb
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, int | str]]:
+    """Message limits, and gRPC's own retry policy for "not now" answers (RESOURCE_EXHAUSTED:
+    queue full; UNAVAILABLE: loading). It waits as long as the server's pushback says and
+    never retries once a response message has arrived, so streams are not replayed."""
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if retries > 0:
+        policy = {
+            "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+            "initialBackoff": "0.5s",
+            "maxBackoff": "30s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+        }
+        config = {"methodConfig": [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    return options
 
 
-def _open_channel(api: Any, target: str, max_message_bytes: int, tls: bool, ca_file: str | Path | None) -> Any:
+def _open_channel(
+    api: Any, target: str, max_message_bytes: int, retries: int, tls: bool, ca_file: str | Path | None
+) -> Any:
     """A channel from ``api`` (``grpc`` or ``grpc.aio``): TLS with the system roots or a
     private CA's certificate, else plaintext."""
-    options = _channel_options(max_message_bytes)
+    options = _channel_options(max_message_bytes, retries)
     if not (tls or ca_file):
         return api.insecure_channel(target, options=options)
     roots = Path(ca_file).read_bytes() if ca_file else None
@@ -56,8 +73,11 @@ class _GrpcClientBase:
         api_key: str | None = None,
         tls: bool = False,
         ca_file: str | Path | None = None,
+        retries: int = 2,
     ) -> None:
-        self._channel = _open_channel(self._api, target, max_message_bytes, tls, ca_file)
+        """``retries``: how often a call refused with RESOURCE_EXHAUSTED (queue full) or
+        UNAVAILABLE (loading) is made again, after the server's pushback; 0 raises at once."""
+        self._channel = _open_channel(self._api, target, max_message_bytes, retries, tls, ca_file)
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._metadata = _metadata(api_key)

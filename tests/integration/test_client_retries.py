@@ -1,16 +1,17 @@
-"""The HTTP clients ask again when the server says "not now" (429 overloaded, 503 loading),
-after its Retry-After, and raise at once with retries=0. A real uvicorn server whose queue
-holds one request."""
+"""The clients ask again when the server says "not now" (HTTP 429/503, gRPC
+RESOURCE_EXHAUSTED/UNAVAILABLE), after its Retry-After / pushback, and raise at once with
+retries=0. Real uvicorn and grpc.aio servers whose queue holds one request."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import httpx
 import pytest
 
-from rexomni_client import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError
+from rexomni_client import AsyncRexOmniClient, AsyncRexOmniGrpcClient, RexOmniClient, RexOmniHTTPError
 from rexomni_client.http import MAX_RETRY_WAIT_S, retry_delay
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.runtime import Runtime
@@ -24,13 +25,13 @@ PNG = image_bytes(64, 48)
 
 
 @pytest.fixture(scope="module")
-async def one_slot() -> AsyncIterator[str]:
+async def one_slot() -> AsyncIterator[tuple[str, str]]:
     settings = Settings(model="scripted", engine="scripted", max_queue=1)
     # 10 pieces at 80 ms: each request holds the only slot for about 0.8 s.
     runtime = Runtime(settings, engine=ScriptedEngine(default_output=OUTPUT, token_delay_s=0.08))
     await runtime.engine.start()
-    servers = await start_servers(runtime, "127.0.0.1", 0, None)
-    yield f"http://127.0.0.1:{servers.http_port}"
+    servers = await start_servers(runtime, "127.0.0.1", 0, 0)
+    yield f"http://127.0.0.1:{servers.http_port}", f"127.0.0.1:{servers.grpc_port}"
     await servers.stop(0)
     await runtime.stop()
 
@@ -45,8 +46,9 @@ def test_retry_delay_follows_retry_after_within_bounds() -> None:
     assert retry_delay(response({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), 1) == 1.0  # a date: backoff
 
 
-async def test_async_client_waits_out_a_full_queue(one_slot: str) -> None:
-    async with AsyncRexOmniClient(one_slot, retries=0) as impatient, AsyncRexOmniClient(one_slot) as patient:
+async def test_async_client_waits_out_a_full_queue(one_slot: tuple[str, str]) -> None:
+    url, _ = one_slot
+    async with AsyncRexOmniClient(url, retries=0) as impatient, AsyncRexOmniClient(url) as patient:
         first = asyncio.create_task(patient.detect(PNG, "detection", ["cat"]))
         await asyncio.sleep(0.15)  # the first request now holds the only slot
         with pytest.raises(RexOmniHTTPError) as refused:
@@ -58,16 +60,18 @@ async def test_async_client_waits_out_a_full_queue(one_slot: str) -> None:
         assert isinstance(streamed[-1], DetectResult) and streamed[-1].detections == second.detections
 
 
-async def test_sync_client_retries_unary_and_streams(one_slot: str) -> None:
+async def test_sync_client_retries_unary_and_streams(one_slot: tuple[str, str]) -> None:
+    url, _ = one_slot
+
     def busy_then(call: str) -> object:
-        with RexOmniClient(one_slot) as client:
+        with RexOmniClient(url) as client:
             return (
                 client.detect(PNG, "detection", ["cat"])
                 if call == "detect"
                 else list(client.detect_stream(PNG, "detection", ["cat"]))
             )
 
-    async with AsyncRexOmniClient(one_slot) as holder:
+    async with AsyncRexOmniClient(url) as holder:
         for call in ("detect", "stream"):
             first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
             await asyncio.sleep(0.15)
@@ -75,3 +79,27 @@ async def test_sync_client_retries_unary_and_streams(one_slot: str) -> None:
             await first
             detections = result.detections if isinstance(result, DetectResult) else result[-1].detections  # type: ignore[index, union-attr]
             assert [d.label for d in detections] == ["cat"]
+
+
+async def test_grpc_clients_follow_the_servers_pushback(one_slot: tuple[str, str]) -> None:
+    url, target = one_slot
+    async with (
+        AsyncRexOmniClient(url) as holder,
+        AsyncRexOmniGrpcClient(target, retries=0) as impatient,
+        AsyncRexOmniGrpcClient(target) as patient,
+    ):
+        first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
+        await asyncio.sleep(0.15)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await impatient.detect(PNG, "detection", ["cat"])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(refused.value.trailing_metadata() or ())
+        assert trailing["retry-after"] == "1" and trailing["grpc-retry-pushback-ms"] == "1000"
+        assert trailing["x-request-id"]  # refused calls carry their id in the trailers
+        second = await patient.detect(PNG, "detection", ["cat"])  # gRPC retries after the pushback
+        assert (await first).detections == second.detections
+        first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
+        await asyncio.sleep(0.15)
+        streamed = [item async for item in patient.detect_stream(PNG, "detection", ["cat"])]
+        await first
+        assert isinstance(streamed[-1], DetectResult) and streamed[-1].detections == second.detections

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +27,7 @@ from rexomni_server.errors import (
     Unauthenticated,
 )
 from rexomni_server.runtime import Runtime
-from rexomni_server.service import DetectionEvent, DoneEvent, new_request_id
+from rexomni_server.service import AcceptedEvent, DetectionEvent, DoneEvent, new_request_id
 from rexomni_server.transport.convert import detection_to_pb, params_from_pb, result_to_pb
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,6 @@ def grpc_status(exc: RexOmniError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-T = TypeVar("T")
-
-
 class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -66,38 +63,28 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
     async def _begin(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, bytes, str, float | None]:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID_KEY, "")).strip()[:128] or new_request_id()
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         try:
             self._runtime.api_keys.check(metadata.get(AUTHORIZATION_HEADER), metadata.get(API_KEY_HEADER))
         except Unauthenticated as exc:
             self._runtime.service.record_rejected(request_id, "unknown", "grpc", exc.code)
-            await context.abort(grpc_status(exc), exc.message)
+            await _abort(context, exc, request_id)
         try:
             params, image = params_from_pb(request)
         except (ValidationError, ValueError) as exc:
             self._runtime.service.record_rejected(request_id, "unknown", "grpc", InvalidRequest.code)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc))
+            await _abort(context, InvalidRequest(_validation_message(exc)), request_id)
         return params, image, request_id, context.time_remaining()
-
-    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await work()
-        except RexOmniError as exc:
-            if exc.retry_after_s is not None:
-                context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_s)))),))
-            await context.abort(grpc_status(exc), exc.message)
-        raise AssertionError("unreachable")  # context.abort raises
 
     async def Detect(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         params, image, request_id, remaining = await self._begin(request, context)
-
-        async def work() -> Any:
+        try:
             result = await self._runtime.service.detect(
                 params, image, request_id=request_id, transport="grpc", timeout_s=remaining
             )
-            return result_to_pb(result)
-
-        return await self._guard(context, work)
+        except RexOmniError as exc:
+            await _abort(context, exc, request_id)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        return result_to_pb(result)
 
     async def DetectStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         params, image, request_id, remaining = await self._begin(request, context)
@@ -106,7 +93,11 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
         )
         try:
             async for event in events:
-                if isinstance(event, DetectionEvent):
+                if isinstance(event, AcceptedEvent):
+                    # Headers only once the request is admitted: a refusal before this point
+                    # is a trailers-only answer, which gRPC's retry policy may send again.
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                elif isinstance(event, DetectionEvent):
                     yield pb.DetectEvent(
                         detection=pb.DetectionEvent(
                             index=event.index,
@@ -117,9 +108,23 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
                 elif isinstance(event, DoneEvent):
                     yield pb.DetectEvent(done=result_to_pb(event.result))
         except RexOmniError as exc:
-            await context.abort(grpc_status(exc), exc.message)
+            await _abort(context, exc, request_id)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: RexOmniError, request_id: str) -> NoReturn:
+    """End the call with the error's status and the request id in the trailers. "Not now"
+    errors also say when to come back, as ``retry-after`` (seconds) and as
+    ``grpc-retry-pushback-ms``, which gRPC's own retry policy (the Python clients enable it)
+    obeys. No headers were sent before (see DetectStream), so the call can be retried."""
+    trailers = [(REQUEST_ID_KEY, request_id)]
+    if exc.retry_after_s is not None:
+        seconds = max(1, round(exc.retry_after_s))
+        trailers += [("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000))]
+    context.set_trailing_metadata(tuple(trailers))
+    await context.abort(grpc_status(exc), exc.message)
+    raise AssertionError("unreachable")  # context.abort raises
 
 
 def _validation_message(exc: Exception) -> str:
