@@ -95,10 +95,23 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+# Open without a key: probes, scrapers and the API's own description. Everything else, present
+# and future, needs one (deny by default).
+OPEN_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/v1/tasks", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+
+
+def route_path(scope: Scope) -> str:
+    """The path as routes see it (without a ``root_path`` prefix set by a proxy)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class ApiKeyMiddleware:
-    """Detection requests without a valid API key get 401 before their bodies are read (an
-    unauthenticated client cannot make the server read megabytes). Probes, metrics and
-    documentation stay open."""
+    """Requests without a valid API key get 401 before their bodies are read (an
+    unauthenticated client cannot make the server read megabytes); see OPEN_PATHS."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
@@ -106,7 +119,8 @@ class ApiKeyMiddleware:
         self.keys: ApiKeys = runtime.api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or scope["path"] not in DETECT_PATHS:
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or not self.keys.enabled or path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
@@ -119,7 +133,8 @@ class ApiKeyMiddleware:
             self.keys.check(header(AUTHORIZATION_HEADER), header(API_KEY_HEADER))
         except Unauthenticated as exc:
             request_id = scope.get("state", {}).get("request_id") or new_request_id()
-            self.runtime.service.record_rejected(request_id, "unknown", "http", exc.code)
+            if path in DETECT_PATHS:  # counted and logged like every refused detection
+                self.runtime.service.record_rejected(request_id, "unknown", "http", exc.code)
             response = error_response(http_status(exc), exc.code, exc.message, request_id)
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)

@@ -83,8 +83,11 @@ async def test_http_detection_needs_a_key_and_probes_do_not(keyed: tuple[Runtime
         for headers in ({"Authorization": "Bearer alpha-key"}, {"x-api-key": "beta-key"}, {"x-api-key": "file-key"}):
             ok = await client.post("/v1/detect", json=BODY, headers=headers)
             assert ok.status_code == 200 and ok.json()["detections"][0]["label"] == "cat"
-        for path in ("/health", "/ready", "/metrics", "/v1/tasks"):
+        for path in ("/health", "/ready", "/metrics", "/v1/tasks", "/docs", "/openapi.json"):
             assert (await client.get(path)).status_code == 200, path
+        # Deny by default: any other path needs the key before anything else is said about it.
+        assert (await client.get("/v1/nothing-here")).status_code == 401
+        assert (await client.get("/v1/nothing-here", headers={"x-api-key": "alpha-key"})).status_code == 404
         metrics = (await client.get("/metrics")).text
     assert 'rexomni_requests_total{status="unauthenticated",task="unknown",transport="http"} 4.0' in metrics
     assert runtime.service.in_flight == 0
@@ -133,3 +136,11 @@ async def test_openapi_declares_the_key_on_detection_only(keyed: tuple[Runtime, 
     assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader"}
     assert schema["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
     assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_open_paths_are_matched_below_a_proxy_prefix() -> None:
+    from rexomni_server.app import route_path
+
+    assert route_path({"path": "/api/health", "root_path": "/api"}) == "/health"
+    assert route_path({"path": "/v1/detect", "root_path": ""}) == "/v1/detect"
+    assert route_path({"path": "/health-not", "root_path": "/api"}) == "/health-not"
