@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-keys-file",
         dest="api_keys_file",
-        help="require an API key from this file (one per line) for detection; keys can also come "
+        help="require an API key from this file (one per line); keys can also come "
         "from $REXOMNI_API_KEYS (comma-separated), never from a flag (ps would show them)",
     )
     serve.add_argument(

@@ -106,9 +106,9 @@ class Settings(BaseSettings):
     # -- access --
     api_keys: SecretStr = Field(
         default=SecretStr(""),
-        description="Comma-separated API keys. When any is set, detection requests must carry one "
-        "('Authorization: Bearer KEY' or 'x-api-key: KEY'; gRPC metadata alike). Health, "
-        "readiness, metrics and the task list stay open for probes and scrapers.",
+        description="Comma-separated API keys. When any is set, requests must carry one "
+        "('Authorization: Bearer KEY' or 'x-api-key: KEY'; gRPC metadata alike), except health, "
+        "readiness, metrics and the API description (probes and scrapers).",
     )
     api_keys_file: Path | None = Field(
         default=None, description="A file of API keys, one per line (e.g. a mounted secret); adds to api_keys."
