@@ -79,6 +79,14 @@ class DetectOptions(_Strict):
         description="One engine request per category, run concurrently and merged in category "
         "order (detection/pointing). Default: on where the engine batches concurrent requests.",
     )
+    priority: int = Field(
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="Scheduling priority, lower first (e.g. 10 for batch jobs, -10 for interactive "
+        "users); equal priorities run in arrival order. Honoured by the vLLM engine when the server "
+        "schedules by priority (REXOMNI_VLLM_SCHEDULING_POLICY=priority); refused elsewhere unless 0.",
+    )
     forced_output: str | None = Field(
         default=None,
         description="Testing/benchmarking only: the raw output the model is forced to write. "

@@ -123,6 +123,13 @@ class DetectionService:
             raise InvalidRequest("options.min_pixels must not exceed max_pixels")
         return min_pixels, max_pixels
 
+    def _check_priority(self, params: DetectParams) -> None:
+        if params.options.priority != 0 and not getattr(self.engine, "supports_priority", False):
+            raise InvalidRequest(
+                "options.priority needs a server that schedules by priority (the vLLM engine with "
+                "REXOMNI_VLLM_SCHEDULING_POLICY=priority); leave it at 0 here"
+            )
+
     def _check_forced(self, params: DetectParams) -> None:
         if params.options.forced_output is not None and not self.settings.allow_forced_output:
             raise InvalidRequest(
@@ -207,6 +214,7 @@ class DetectionService:
             sampling = self._sampling(params)
             min_pixels, max_pixels = self._pixel_bounds(params)
             self._check_forced(params)
+            self._check_priority(params)
             image = await asyncio.to_thread(load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels)
             self._check_context(image.resized_size)
             texts = self._task_texts(params, (image.width, image.height))
@@ -218,6 +226,7 @@ class DetectionService:
                     sampling=sampling,
                     forced_output=forced,
                     logprobs=params.options.scores,
+                    priority=params.options.priority,
                 )
                 for i, (text, forced) in enumerate(texts)
             ]

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         default=None, description="e.g. 'awq' for IDEA-Research/Rex-Omni-AWQ; None = from the checkpoint."
     )
     max_num_seqs: int = Field(default=256, ge=1, description="Sequences vLLM batches at most.")
+    vllm_scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs",
+        description="vLLM: 'priority' serves waiting requests by options.priority (lower first) "
+        "and may preempt running ones for a more urgent request; 'fcfs' in arrival order.",
+    )
     enforce_eager: bool = Field(default=False, description="No CUDA graphs / compilation (faster start).")
     vllm_tokenizer_mode: str = Field(
         default="auto",

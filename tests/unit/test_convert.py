@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rexomni_server.parsing import Detection
-from rexomni_server.schemas import DetectParams, DetectResult
+from rexomni_server.schemas import DetectOptions, DetectParams, DetectResult
 from rexomni_server.tasks import Geometry, Task
 from rexomni_server.tracking import to_schema
 from rexomni_server.transport.convert import (
@@ -60,6 +60,7 @@ def test_params_round_trip(task: Task) -> None:
             "visual_prompt_boxes": [[1.5, 2, 30, 40.25]] if task is Task.VISUAL_PROMPTING else None,
             "options": {
                 "max_new_tokens": 77,
+                "min_pixels": 3136,
                 "max_pixels": 50000,
                 "return_raw_output": True,
                 "forced_output": "x",
@@ -67,8 +68,13 @@ def test_params_round_trip(task: Task) -> None:
                 "stop_on_repetition": False,
                 "fan_out": True,
                 "scores": False,
+                "priority": -5,
             },
         }
+    )
+    # Every option differs from its default here, so a field the conversion forgets is caught.
+    assert {name for name, value in params.options if value != DetectOptions.model_fields[name].default} == set(
+        DetectOptions.model_fields
     )
     back, image = params_from_pb(params_to_pb(params, b"\x89PNG"))
     assert back == params and image == b"\x89PNG"

@@ -200,3 +200,14 @@ async def test_an_image_too_big_for_the_context_is_a_clear_error() -> None:
     with pytest.raises(InvalidRequest, match=r"max_pixels to at most 602112"):
         await service.detect(params(), IMAGE)  # 999x999 -> 1008x1008 = 1296 image tokens
     assert not engine.requests
+
+
+async def test_priority_reaches_an_engine_that_schedules_by_it_and_is_refused_elsewhere() -> None:
+    service, engine = await make_service()
+    assert (await service.detect(params(options={"priority": 0}), IMAGE)).detections  # the default is fine
+    with pytest.raises(InvalidRequest, match="schedules by priority"):
+        await service.detect(params(options={"priority": 5}), IMAGE)
+    engine.supports_priority = True  # as the vLLM engine is with scheduling_policy=priority
+    await service.detect(params(options={"priority": 5, "fan_out": True}), IMAGE)
+    assert [r.priority for r in engine.requests[-2:]] == [5, 5]  # every fanned-out request
+    assert service.in_flight == 0

@@ -33,6 +33,7 @@ class EngineRequest:
     sampling: SamplingConfig
     forced_output: str | None = None  # tests/benchmarks: the exact output to produce
     logprobs: bool = True  # report coordinate-token log-probabilities (for scores)
+    priority: int = 0  # lower first, on engines that schedule by priority
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Engine(Protocol):
     # True when concurrent requests share decode steps (continuous batching): then splitting a
     # multi-category request into one request per category costs about one request's time.
     concurrent_batching: bool
+    # True when the engine orders waiting requests by EngineRequest.priority.
+    supports_priority: bool
 
     @property
     def ready(self) -> bool: ...

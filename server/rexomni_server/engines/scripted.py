@@ -33,6 +33,7 @@ class ScriptedEngine:
         concurrent_batching: bool = False,
     ) -> None:
         self.concurrent_batching = concurrent_batching
+        self.supports_priority = False
         self._default = default_output
         self._coordinate_logprob = coordinate_logprob
         self._delay = token_delay_s

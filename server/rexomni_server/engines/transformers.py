@@ -118,6 +118,7 @@ class TransformersEngine:
     name = "transformers"
     # Concurrent generate() calls interleave but do not share decode steps.
     concurrent_batching = False
+    supports_priority = False
 
     def __init__(
         self,

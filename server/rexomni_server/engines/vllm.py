@@ -65,6 +65,7 @@ def engine_args(model_path: str, settings: Settings) -> Any:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
         max_num_seqs=settings.max_num_seqs,
+        scheduling_policy=settings.vllm_scheduling_policy,
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=True,  # fan-out requests share the image prefix
         limit_mm_per_prompt={"image": 1, "video": 0},
@@ -83,6 +84,7 @@ class VllmEngine:
     def __init__(self, model_path: str, settings: Settings) -> None:
         self.model_path = model_path
         self._settings = settings
+        self.supports_priority = settings.vllm_scheduling_policy == "priority"
         self._engine: Any = None
         self._tokenizer: Any = None
         self._eos_id = -1
@@ -165,7 +167,9 @@ class VllmEngine:
             "prompt": build_chat_prompt(request.task_text),
             "multi_modal_data": {"image": request.image},
         }
-        generator = self._engine.generate(prompt, self._sampling_params(request), request.request_id)
+        generator = self._engine.generate(
+            prompt, self._sampling_params(request), request.request_id, priority=request.priority
+        )
         started = False
         try:
             async for output in generator:

@@ -50,7 +50,10 @@ def _box_values(box: Any) -> list[float]:
 def params_to_pb(params: DetectParams, image: bytes) -> Any:
     o = params.options
     options = pb.DetectOptions(
-        return_raw_output=o.return_raw_output, stop_on_repetition=o.stop_on_repetition, scores=o.scores
+        return_raw_output=o.return_raw_output,
+        stop_on_repetition=o.stop_on_repetition,
+        scores=o.scores,
+        priority=o.priority,
     )
     for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output", "max_detections", "fan_out"):
         if getattr(o, name) is not None:
@@ -78,6 +81,7 @@ def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
         stop_on_repetition=o.stop_on_repetition if o.HasField("stop_on_repetition") else True,
         fan_out=o.fan_out if o.HasField("fan_out") else None,
         scores=o.scores if o.HasField("scores") else True,
+        priority=o.priority,
     )
     params = DetectParams.model_validate(
         {

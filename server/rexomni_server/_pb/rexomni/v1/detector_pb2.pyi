@@ -49,7 +49,7 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
-    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output", "max_detections", "stop_on_repetition", "fan_out", "scores")
+    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output", "max_detections", "stop_on_repetition", "fan_out", "scores", "priority")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class DetectOptions(_message.Message):
     STOP_ON_REPETITION_FIELD_NUMBER: _ClassVar[int]
     FAN_OUT_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_pixels: int
     max_pixels: int
@@ -68,7 +69,8 @@ class DetectOptions(_message.Message):
     stop_on_repetition: bool
     fan_out: bool
     scores: bool
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ..., max_detections: _Optional[int] = ..., stop_on_repetition: _Optional[bool] = ..., fan_out: _Optional[bool] = ..., scores: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ..., max_detections: _Optional[int] = ..., stop_on_repetition: _Optional[bool] = ..., fan_out: _Optional[bool] = ..., scores: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
     __slots__ = ("image", "task", "categories", "keypoint_type", "visual_prompt_boxes", "options")
