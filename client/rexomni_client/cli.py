@@ -1,6 +1,7 @@
 """``rexomni``: the command-line client.
 
 rexomni detect photo.jpg --categories person,car --annotate out.jpg
+rexomni detect *.jpg --categories person --concurrency 16 > results.jsonl   # many images, batched
 rexomni detect photo.jpg --categories person --stream          # one JSON line per detection
 rexomni --grpc 127.0.0.1:50051 detect photo.jpg --categories person --stream
 rexomni evaluate instances_val2017.json --images val2017 --concurrency 32
@@ -9,6 +10,7 @@ rexomni evaluate instances_val2017.json --images val2017 --concurrency 32
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -16,10 +18,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+from pydantic import ValidationError
 
+from rexomni_client.bulk import detect_many
 from rexomni_client.evaluation.cli import add_evaluate_parser, run_evaluate
-from rexomni_client.grpc import RexOmniGrpcClient
-from rexomni_client.http import RexOmniClient, RexOmniHTTPError
+from rexomni_client.grpc import AsyncRexOmniGrpcClient, RexOmniGrpcClient
+from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError, build_params
 from rexomni_server.schemas import DetectionModel, DetectResult
 
 
@@ -45,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's API key, if it requires one (default: $REXOMNI_API_KEY)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    detect = sub.add_parser("detect", help="detect in one image and print the JSON result")
-    detect.add_argument("image")
+    detect = sub.add_parser("detect", help="detect in images: one JSON result, or one JSON line per image for several")
+    detect.add_argument("images", nargs="+", metavar="image")
+    detect.add_argument("--concurrency", type=int, default=8, help="several images: requests in flight (default 8)")
+    detect.add_argument("--options", default="{}", help='more request options as JSON, e.g. {"priority": 10}')
     detect.add_argument("--task", default="detection")
     detect.add_argument("--categories", default="", help="comma-separated")
     detect.add_argument("--keypoint-type", dest="keypoint_type")
@@ -59,31 +65,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _retries(args: argparse.Namespace, default: int = 2) -> int:
+    return default if args.retries is None else int(args.retries)
+
+
 def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
     client: RexOmniClient | RexOmniGrpcClient
+    image = args.images[0]
     if args.grpc:
-        retries = 2 if args.retries is None else args.retries
-        client = RexOmniGrpcClient(args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=retries)
-    else:
-        client = RexOmniClient(
-            args.url, api_key=args.api_key, ca_file=args.ca_file, retries=2 if args.retries is None else args.retries
+        client = RexOmniGrpcClient(
+            args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=_retries(args)
         )
+    else:
+        client = RexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file, retries=_retries(args))
     with client:
         if args.stream:
-            yield from client.detect_stream(args.image, args.task, args.categories, **kwargs)
+            yield from client.detect_stream(image, args.task, args.categories, **kwargs)
         else:
-            yield client.detect(args.image, args.task, args.categories, **kwargs)
+            yield client.detect(image, args.task, args.categories, **kwargs)
+
+
+async def _detect_many(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
+    """One JSON line per image, as each finishes; exit status 1 when any image failed."""
+    client: AsyncRexOmniClient | AsyncRexOmniGrpcClient
+    if args.grpc:
+        client = AsyncRexOmniGrpcClient(
+            args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=_retries(args)
+        )
+    else:
+        client = AsyncRexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file, retries=_retries(args))
+    failed = 0
+    async with client:
+        answers = detect_many(client, args.images, args.task, args.categories, concurrency=args.concurrency, **kwargs)
+        async for index, answer in answers:
+            line: dict[str, Any] = {"image": args.images[index]}
+            if isinstance(answer, DetectResult):
+                line["result"] = answer.model_dump(mode="json")
+            else:
+                failed += 1
+                line["error"] = _error_text(answer)
+            print(json.dumps(line), flush=True)
+    return 1 if failed else 0
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    if isinstance(exc, FileNotFoundError):
+        return f"image not found: {exc.filename}"
+    return str(exc)
+
+
+def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = json.loads(args.options)
+    if not isinstance(kwargs, dict):
+        raise ValueError("--options must be a JSON object")
+    kwargs.update(
+        return_raw_output=args.raw or kwargs.get("return_raw_output", False), keypoint_type=args.keypoint_type
+    )
+    if args.max_new_tokens:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.visual_prompt_boxes:
+        kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
+    build_params(args.task, args.categories, **kwargs)  # the server's own validation, before the network
+    return kwargs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
         return run_evaluate(args)
-    kwargs: dict[str, Any] = {"return_raw_output": args.raw, "keypoint_type": args.keypoint_type}
-    if args.max_new_tokens:
-        kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.visual_prompt_boxes:
-        kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
+    try:
+        kwargs = _request_kwargs(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        print(f"error: bad request: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        print(f"error: bad request: {exc}", file=sys.stderr)
+        return 2
+    if len(args.images) > 1:
+        if args.stream or args.annotate:
+            print("error: --stream and --annotate take one image", file=sys.stderr)
+            return 2
+        return asyncio.run(_detect_many(args, kwargs))
     result: DetectResult | None = None
     try:
         for item in _events(args, kwargs):
@@ -91,11 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = item
             else:
                 print(json.dumps({"detection": item.model_dump()}), flush=True)
-    except RexOmniHTTPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+    except (RexOmniHTTPError, grpc.RpcError, OSError) as exc:
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     if result is None:
         return 1
@@ -103,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.annotate:
         from rexomni_client.draw import annotate
 
-        annotate(args.image, result, args.annotate)
+        annotate(args.images[0], result, args.annotate)
     return 0
 
 
