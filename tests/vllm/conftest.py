@@ -18,16 +18,21 @@ from rexomni_server.settings import Settings
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU build
 
 
-@pytest.fixture(scope="session")
-async def vllm_runtime(tiny_model_dir: Path) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        model=str(tiny_model_dir),
+def vllm_settings(model_dir: Path, **overrides: object) -> Settings:
+    """The vLLM engine on the tiny checkpoint, forced outputs allowed."""
+    return Settings(
+        model=str(model_dir),
         engine="vllm",
         allow_forced_output=True,
         enforce_eager=True,  # no graph capture: ~half the start-up time on CPU
         max_model_len=4096,
+        **overrides,  # type: ignore[arg-type]
     )
-    runtime = Runtime(settings)
+
+
+@pytest.fixture(scope="session")
+async def vllm_runtime(tiny_model_dir: Path) -> AsyncIterator[Runtime]:
+    runtime = Runtime(vllm_settings(tiny_model_dir))
     await runtime.engine.start()
     yield runtime
     await runtime.stop()

@@ -12,8 +12,8 @@ import pytest
 
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
-from rexomni_server.settings import Settings
 from tests.conftest import image_bytes
+from tests.vllm.conftest import vllm_settings
 from tests.vllm.test_vllm_engine import forced_boxes
 
 PNG = image_bytes(320, 240)
@@ -21,16 +21,7 @@ PNG = image_bytes(320, 240)
 
 @pytest.fixture(scope="module")
 async def one_at_a_time(tiny_model_dir: Path) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        model=str(tiny_model_dir),
-        engine="vllm",
-        allow_forced_output=True,
-        enforce_eager=True,
-        max_model_len=4096,
-        max_num_seqs=1,
-        vllm_scheduling_policy="priority",
-    )
-    runtime = Runtime(settings)
+    runtime = Runtime(vllm_settings(tiny_model_dir, max_num_seqs=1, vllm_scheduling_policy="priority"))
     await runtime.engine.start()
     yield runtime
     await runtime.stop()
