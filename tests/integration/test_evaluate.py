@@ -88,12 +88,45 @@ async def test_cli_visual_prompting_on_a_live_server(
     report = tmp_path / "vp.json"
     args = ["--url", url, "evaluate", str(tmp_path / "vp.jsonl"), "--task", "visual_prompting", "--report", str(report)]
     assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 0
-    assert json.loads(report.read_text())["mean_iou_0.50_0.95"]["f1"] == 1.0
+    assert json.loads(report.read_text())["mean_0.50_0.95"]["f1"] == 1.0
     capsys.readouterr()
     # A dataset without reference boxes cannot be scored this way: refused before any request.
     args[3] = str(dataset(tmp_path))
     assert await asyncio.to_thread(main, args) == 2
     assert "no visual_prompt boxes" in capsys.readouterr().err
+
+
+async def test_cli_keypoints_on_a_live_server(
+    live_servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = live_servers
+    (tmp_path / "p.png").write_bytes(image_bytes(W, H, "PNG"))
+
+    def px(b: int, size: int) -> float:
+        return b / 999 * size
+
+    # The forced answer: one person, nose at bins (300, 200), left eye hidden.
+    forced = (
+        '```json\n{"person1": {"bbox": " <100> <100> <500> <900> ", "keypoints": '
+        '{"nose": " <300> <200> ", "left eye": "unvisible"}}}\n```'
+    )
+    box = [px(100, W), px(100, H), px(500, W), px(900, H)]
+    exact = {"bbox": box, "keypoints": {"nose": [px(300, W), px(200, H)], "left eye": None}}
+    elsewhere = {"bbox": box, "keypoints": {"nose": [px(500, W), px(900, H)], "left eye": None}}
+    lines = [
+        {"image_path": "p.png", "categories": ["person"], "gt": {"person": [exact]}},
+        {"image_path": "p.png", "categories": ["person"], "gt": {"person": [elsewhere]}},
+    ]
+    (tmp_path / "kp.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = tmp_path / "kp.json"
+    args = ["--url", url, "evaluate", str(tmp_path / "kp.jsonl"), "--task", "keypoint", "--report", str(report)]
+    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": forced})]) == 0
+    written = json.loads(report.read_text())
+    assert written["measure"] == "OKS"
+    metrics = written["metrics"]
+    # Image 1 matches at every OKS threshold, image 2 (the nose far away) at none.
+    assert metrics["0.95"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert "OKS 0.50" in capsys.readouterr().out
 
 
 async def test_cli_rejects_bad_options_and_files_before_any_request(

@@ -146,3 +146,25 @@ def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
         load_dataset(tmp_path / "nope.json")
     with pytest.raises(DatasetError, match="unknown dataset format"):
         load_dataset(write(tmp_path / "x.json", COCO), fmt="voc")
+
+
+def test_keypoint_ground_truth_from_jsonl_and_coco(tmp_path: Path) -> None:
+    person = {"bbox": [0, 0, 50, 100], "keypoints": {"nose": [10, 20], "left_eye": None, "right eye": "unvisible"}}
+    path = tmp_path / "kp.jsonl"
+    path.write_text(json.dumps({"image_path": "a.jpg", "categories": ["person"], "gt": {"person": [person]}}))
+    (sample,) = load_dataset(path)
+    assert sample.truths[0].box == (0.0, 0.0, 50.0, 100.0)
+    assert sample.truths[0].keypoints == {"nose": (10.0, 20.0), "left eye": None, "right eye": None}
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "person", "keypoints": ["nose", "left_eye"]}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "keypoints": [3, 4, 2, 0, 0, 0]}
+        ],
+    }
+    (sample,) = load_dataset(write(tmp_path / "person_keypoints.json", coco))
+    assert sample.truths[0].keypoints == {"nose": (3.0, 4.0), "left eye": None}  # v = 0: not labelled
+    coco["annotations"][0]["keypoints"] = [3, 4, 2]  # type: ignore[index]
+    with pytest.raises(DatasetError, match="2 \\(x, y, v\\) triples"):
+        load_dataset(write(tmp_path / "person_keypoints.json", coco))

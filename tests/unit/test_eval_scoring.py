@@ -20,7 +20,9 @@ from rexomni_client.evaluation.scoring import (
     Truth,
     box_iou,
     match_boxes,
+    oks,
     score_boxes,
+    score_keypoints,
     score_points,
     summarize,
 )
@@ -156,3 +158,27 @@ def test_matches_never_exceed_either_side(truth_boxes: list[tuple[float, ...]], 
         assert matched <= min(len(truth_boxes), len(pred_boxes))
         assert matched <= previous
         previous = matched
+
+
+def test_oks_is_one_at_the_truth_and_falls_off_with_distance() -> None:
+    box = (0.0, 0.0, 100.0, 100.0)  # area 10000: 2σ²·area = 12.5
+    truth = {"nose": (50.0, 50.0), "left eye": (40.0, 40.0), "right ear": None}  # the ear is hidden
+    assert oks(box, truth, {"nose": (50.0, 50.0), "left eye": (40.0, 40.0)}) == 1.0
+    off = oks(box, truth, {"nose": (53.0, 54.0), "left eye": (40.0, 40.0)})  # nose 5 px away
+    assert off == pytest.approx((math.exp(-25 / 12.5) + 1) / 2)
+    # A visible keypoint left out, or called hidden, scores 0; the hidden ear does not count.
+    assert oks(box, truth, {"nose": (50.0, 50.0), "left eye": None, "right ear": (1.0, 1.0)}) == 0.5
+    assert oks((0.0, 0.0, 0.0, 5.0), truth, truth) == 0.0  # no area: nothing to normalise by
+
+
+def test_keypoint_instances_match_one_to_one_by_oks() -> None:
+    a = Truth("person", box=(0, 0, 100, 100), keypoints={"nose": (10.0, 10.0)})
+    b = Truth("person", box=(200, 0, 300, 100), keypoints={"nose": (210.0, 10.0)})
+    hidden = Truth("person", box=(400, 0, 500, 100), keypoints={"nose": None})  # cannot be matched: not counted
+    near_a = Prediction("person", box=(0, 0, 100, 100), keypoints={"nose": (12.0, 10.0)})  # OKS exp(-4/12.5)≈0.73
+    exact_a = Prediction("person", box=(0, 0, 100, 100), keypoints={"nose": (10.0, 10.0)})
+    score = score_keypoints([a, b, hidden], [near_a, exact_a])
+    assert score.truths == 2
+    assert score.matches["0.50"] == 1  # both predictions are on a; a takes only one of them
+    assert score.matches["0.75"] == 1 and score.matches["0.95"] == 1  # the exact one
+    assert score.precision_recall("0.50") == (0.5, 0.5)

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample, load_dataset
 from rexomni_client.evaluation.report import category_table, report_dict, table
 from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, Query, ServerUnreachable, evaluate
-from rexomni_client.http import AsyncRexOmniClient, build_params
-from rexomni_server.schemas import DetectResult
+from rexomni_client.http import AsyncRexOmniClient
+from rexomni_server.schemas import DetectOptions, DetectResult
 from rexomni_server.tasks import Task
 
 
@@ -36,6 +36,9 @@ def add_evaluate_parser(sub: Any) -> None:
     parser.add_argument("--images", type=Path, help="image root (default: the annotation file's folder)")
     parser.add_argument("--format", default="auto", choices=["auto", "coco", "jsonl"])
     parser.add_argument("--task", default="detection", choices=[t.value for t in EVALUATED_TASKS])
+    parser.add_argument(
+        "--keypoint-type", choices=["person", "animal"], help="task keypoint: the keypoint set (default: the category)"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--options", default="{}", help='request options as JSON, e.g. {"max_new_tokens": 2048}')
@@ -80,7 +83,9 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
 
             async def detect(task: Task, query: Query, image: bytes) -> DetectResult:
                 boxes = query.visual_prompt_boxes
-                prompt = {"visual_prompt_boxes": [list(b) for b in boxes]} if boxes else {}
+                prompt: dict[str, Any] = {"visual_prompt_boxes": [list(b) for b in boxes]} if boxes else {}
+                if args.keypoint_type:
+                    prompt["keypoint_type"] = args.keypoint_type
                 return await client.detect(image, task.value, list(query.categories), **prompt, **options)
 
             return await evaluate(samples, detect, args.task, concurrency=args.concurrency, on_record=on_record)
@@ -93,7 +98,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         options = json.loads(args.options)
         # The server's own validation, before any request.
-        build_params(args.task, ["x"], visual_prompt_boxes=[[0, 0, 1, 1]], **options)
+        DetectOptions(**options)
         samples = load_dataset(args.annotations, args.images, args.format)
     except json.JSONDecodeError as exc:
         print(f"error: --options is not JSON: {exc.msg}", file=sys.stderr)

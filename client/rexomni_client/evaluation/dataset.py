@@ -101,11 +101,21 @@ def _coco_shape(segmentation: Any, where: str) -> Shape | None:
     return None
 
 
+def _coco_keypoints(flat: Any, names: Sequence[str], where: str) -> dict[str, XY | None] | None:
+    if not flat or not names:
+        return None
+    if not isinstance(flat, list) or len(flat) != 3 * len(names):
+        raise DatasetError(f"{where}: keypoints must be {len(names)} (x, y, v) triples")
+    return {name: _keypoint(flat[3 * i : 3 * i + 3], f"{where} keypoint {name!r}") for i, name in enumerate(names)}
+
+
 def _coco_samples(data: Any, root: Path) -> Iterator[EvalSample]:
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise DatasetError("a COCO file needs 'images', 'annotations' and 'categories'")
     try:
         names = {c["id"]: c["name"] for c in data["categories"]}
+        # person_keypoints files name each category's keypoints; annotations give x, y, v triples.
+        keypoint_names = {c["id"]: [k.replace("_", " ") for k in c.get("keypoints", [])] for c in data["categories"]}
         files = {im["id"]: im["file_name"] for im in data["images"]}
     except (KeyError, TypeError) as exc:
         raise DatasetError(f"COCO categories/images entry without {exc}") from None
@@ -124,6 +134,7 @@ def _coco_samples(data: Any, root: Path) -> Iterator[EvalSample]:
             box=(x, y, x + w, y + h),
             shape=_coco_shape(ann.get("segmentation"), where),
             crowd=bool(ann.get("iscrowd", 0)),
+            keypoints=_coco_keypoints(ann.get("keypoints"), keypoint_names[category_id], where),
         )
         per_image.setdefault(image_id, []).append((category_id, truth))
     for image_id, file_name in files.items():
@@ -157,11 +168,35 @@ def _jsonl_truths(gt: Any, categories: Sequence[str], where: str) -> list[Truth]
         if not isinstance(objects, list):
             raise DatasetError(f"{where}: gt[{phrase!r}] must be a list of boxes")
         for obj in objects:
-            if isinstance(obj, list) and len(obj) > 4:
-                truths.append(Truth(phrase, shape=_polygon(obj, f"{where} gt[{phrase!r}]")))
+            here = f"{where} gt[{phrase!r}]"
+            if isinstance(obj, dict):  # keypoint data: {"bbox": [...], "keypoints": {name: [x, y] | null}}
+                truths.append(Truth(phrase, box=_xyxy(obj.get("bbox"), here), keypoints=_keypoints(obj, here)))
+            elif isinstance(obj, list) and len(obj) > 4:
+                truths.append(Truth(phrase, shape=_polygon(obj, here)))
             else:
-                truths.append(Truth(phrase, box=_xyxy(obj, f"{where} gt[{phrase!r}]")))
+                truths.append(Truth(phrase, box=_xyxy(obj, here)))
     return truths
+
+
+def _keypoint(value: Any, where: str) -> XY | None:
+    """[x, y], [x, y, v] (COCO: v = 0 not labelled), or null / "unvisible" for hidden."""
+    if value is None or value == "unvisible":
+        return None
+    if isinstance(value, list | tuple) and len(value) in (2, 3):
+        try:
+            x, y, *visibility = (float(v) for v in value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            return None if visibility and visibility[0] == 0 else (x, y)
+    raise DatasetError(f"{where}: a keypoint is [x, y], [x, y, v] or null, not {value!r}")
+
+
+def _keypoints(obj: dict[str, Any], where: str) -> dict[str, XY | None]:
+    raw = obj.get("keypoints")
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: keypoints must map names to positions")
+    return {name.replace("_", " "): _keypoint(value, f"{where} keypoint {name!r}") for name, value in raw.items()}
 
 
 def _jsonl_samples(text: str, root: Path, path: Path) -> Iterator[EvalSample]:

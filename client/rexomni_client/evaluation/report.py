@@ -6,6 +6,7 @@ from typing import Any
 
 from rexomni_client.evaluation.runner import EvalRun
 from rexomni_client.evaluation.scoring import IOU_THRESHOLDS, POINT_KEY, Metric, iou_key
+from rexomni_server.tasks import Task
 
 SHOWN_THRESHOLDS = (0.5, 0.75, 0.95)
 
@@ -19,6 +20,11 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def _metric(m: Metric) -> dict[str, float]:
     return {"precision": round(m.precision, 4), "recall": round(m.recall, 4), "f1": round(m.f1, 4)}
+
+
+def measure(run: EvalRun) -> str:
+    """What the thresholds apply to: keypoint similarity for keypoints, box overlap otherwise."""
+    return "OKS" if run.task is Task.KEYPOINT else "IoU"
 
 
 def headline_key(run: EvalRun) -> str:
@@ -35,7 +41,8 @@ def report_dict(run: EvalRun, dataset: str, per_category: bool = False) -> dict[
         "scored": summary.samples,
         "failed": dict(sorted(run.failed.items())),
         "metrics": {key: _metric(m) for key, m in summary.by_key.items()},
-        "mean_iou_0.50_0.95": _metric(summary.mean) if summary.mean else None,
+        "measure": measure(run) if summary.mean else "point in object",
+        "mean_0.50_0.95": _metric(summary.mean) if summary.mean else None,
         "detections": run.detections,
         "length_limited": run.length_limited,
         "elapsed_s": round(run.elapsed_s, 3),
@@ -59,7 +66,7 @@ def category_table(run: EvalRun, most: int = 20) -> str:
     """The categories the model does worst on first."""
     key = headline_key(run)
     ranked = sorted((s.by_key[key].f1, c, s) for c, s in run.by_category.items() if key in s.by_key)
-    criterion = "point in object" if key == POINT_KEY else f"IoU {key}"
+    criterion = "point in object" if key == POINT_KEY else f"{measure(run)} {key}"
     heading = f"category (worst first, {criterion})"
     lines = [f"{heading:<40} {'images':>6} {'precision':>9} {'recall':>7} {'F1':>7}"]
     for _, category, s in ranked[:most]:
@@ -77,10 +84,10 @@ def table(run: EvalRun) -> str:
         rows.append(("point in object", summary.by_key[POINT_KEY]))
     for threshold in SHOWN_THRESHOLDS:
         if iou_key(threshold) in summary.by_key:
-            rows.append((f"IoU {threshold:.2f}", summary.by_key[iou_key(threshold)]))
+            rows.append((f"{measure(run)} {threshold:.2f}", summary.by_key[iou_key(threshold)]))
     if summary.mean is not None:
         first, last = IOU_THRESHOLDS[0], IOU_THRESHOLDS[-1]
-        rows.append((f"mean IoU {first:.2f}:{last:.2f}", summary.mean))
+        rows.append((f"mean {measure(run)} {first:.2f}:{last:.2f}", summary.mean))
     lines = [f"{'criterion':<22} {'precision':>9} {'recall':>7} {'F1':>7}"]
     lines += [f"{name:<22} {m.precision:>9.4f} {m.recall:>7.4f} {m.f1:>7.4f}" for name, m in rows]
     rate = f"{summary.samples / run.elapsed_s:.2f} images/s" if run.elapsed_s > 0 else "-"

@@ -25,6 +25,7 @@ from rexomni_client.evaluation.scoring import (
     Truth,
     normalize_label,
     score_boxes,
+    score_keypoints,
     score_points,
     summarize,
 )
@@ -35,7 +36,14 @@ from rexomni_server.tasks import TASKS, Geometry, Task
 # Tasks whose answers can be scored against boxes or regions.
 EVALUATED_TASKS: dict[Task, Geometry] = {
     task: TASKS[task].geometry
-    for task in (Task.DETECTION, Task.POINTING, Task.VISUAL_PROMPTING, Task.GUI_GROUNDING, Task.GUI_POINTING)
+    for task in (
+        Task.DETECTION,
+        Task.POINTING,
+        Task.VISUAL_PROMPTING,
+        Task.KEYPOINT,
+        Task.GUI_GROUNDING,
+        Task.GUI_POINTING,
+    )
 }
 
 
@@ -89,6 +97,10 @@ def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
         unprompted = next((s for s in samples if not s.visual_prompts), None)
         if unprompted is not None:
             raise DatasetError(f"sample {unprompted.sample_id} has no visual_prompt boxes to ask with")
+    if parsed is Task.KEYPOINT:
+        bare = next((s for s in samples if not all(t.keypoints is not None for t in s.truths)), None)
+        if bare is not None:
+            raise DatasetError(f"sample {bare.sample_id} has objects without keypoints to compare with")
     if EVALUATED_TASKS[parsed] is Geometry.BOX:
         unboxed = next((s for s in samples if not s.boxed), None)
         if unboxed is not None:
@@ -103,7 +115,10 @@ def predictions_of(result: DetectResult, label: str | None = None) -> list[Predi
     predictions = []
     for det in result.detections:
         name = label if label is not None else det.label
-        if isinstance(det, BoxDetection | KeypointsDetection):
+        if isinstance(det, KeypointsDetection):
+            keypoints = {k: (tuple(v) if v is not None else None) for k, v in det.keypoints.items()}
+            predictions.append(Prediction(name, box=tuple(det.box), keypoints=keypoints))  # type: ignore[arg-type]
+        elif isinstance(det, BoxDetection):
             predictions.append(Prediction(name, box=tuple(det.box)))  # type: ignore[arg-type]
         elif isinstance(det, PointDetection):
             predictions.append(Prediction(name, point=tuple(det.point)))  # type: ignore[arg-type]
@@ -113,7 +128,10 @@ def predictions_of(result: DetectResult, label: str | None = None) -> list[Predi
 def score_predictions(
     task: Task, truths: Sequence[Truth], predictions: Sequence[Prediction], single_phrase: bool
 ) -> SampleScore:
-    if EVALUATED_TASKS[task] is Geometry.BOX:
+    geometry = EVALUATED_TASKS[task]
+    if geometry is Geometry.KEYPOINTS:
+        return score_keypoints(truths, predictions, single_phrase=single_phrase)
+    if geometry is Geometry.BOX:
         return score_boxes(truths, predictions, single_phrase=single_phrase)
     return score_points(truths, predictions, single_phrase=single_phrase)
 

@@ -14,10 +14,17 @@ precision, recall and F1 over IoU 0.50:0.05:0.95, as the paper's "F1@mIoU".
 Crowd regions (COCO ``iscrowd``) are neither counted as ground truth nor held against a
 prediction that falls inside one (COCO's own rule), so a model is not punished for boxing one
 person in a crowd annotation.
+
+Keypoint instances are matched the same way by object keypoint similarity (OKS, the reference's
+single sigma of 0.025, normalised by the ground-truth box area) at thresholds 0.50:0.95.
+Unlike the reference script, which lets one prediction count for several people and skips
+keypoints the model called hidden, matching is one-to-one and a visible keypoint the model
+missed scores 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,10 +32,12 @@ from typing import Any, Protocol
 
 XYXY = tuple[float, float, float, float]
 XY = tuple[float, float]
+Keypoints = Mapping[str, XY | None]  # name -> position, None where hidden
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 POINT_KEY = "point"  # point tasks have one criterion: inside the object or not
 CROWD_OVERLAP = 0.5  # share of a prediction's box inside a crowd region that excuses it
+KEYPOINT_SIGMA = 0.025  # the reference evaluation's one falloff for every keypoint
 
 
 class Shape(Protocol):
@@ -102,6 +111,7 @@ class Truth:
     box: XYXY | None = None
     shape: Shape | None = None
     crowd: bool = False
+    keypoints: Keypoints | None = None
 
     @property
     def region(self) -> Shape:
@@ -117,6 +127,7 @@ class Prediction:
     label: str
     box: XYXY | None = None
     point: XY | None = None
+    keypoints: Keypoints | None = None
 
 
 @dataclass(frozen=True)
@@ -176,20 +187,38 @@ def _share_inside(box: XYXY, region: XYXY) -> float:
     return ix * iy / area if ix > 0 and iy > 0 and area > 0 else 0.0
 
 
-def match_boxes(truths: Sequence[XYXY], predictions: Sequence[XYXY], threshold: float) -> set[int]:
-    """Indices of the predictions matched to some ground truth (greedy, truth order)."""
+def match_greedy(similarity: Sequence[Sequence[float]], threshold: float) -> set[int]:
+    """Prediction indices matched to some ground truth: each truth (row) in turn takes the
+    unused prediction (column) most similar to it, if at least ``threshold``."""
     used: set[int] = set()
-    for truth in truths:
-        best, best_iou = -1, 0.0
-        for i, pred in enumerate(predictions):
-            if i in used:
-                continue
-            iou = box_iou(truth, pred)
-            if iou >= threshold and iou > best_iou:
-                best, best_iou = i, iou
+    for row in similarity:
+        best, best_value = -1, 0.0
+        for i, value in enumerate(row):
+            if i not in used and value >= threshold and value > best_value:
+                best, best_value = i, value
         if best >= 0:
             used.add(best)
     return used
+
+
+def match_boxes(truths: Sequence[XYXY], predictions: Sequence[XYXY], threshold: float) -> set[int]:
+    return match_greedy([[box_iou(t, p) for p in predictions] for t in truths], threshold)
+
+
+def oks(truth_box: XYXY, truth: Keypoints, predicted: Keypoints) -> float:
+    """Object keypoint similarity over the truth's visible keypoints: exp(-d² / (2σ²·area)) each,
+    averaged; a visible keypoint the prediction leaves out or calls hidden scores 0."""
+    area = (truth_box[2] - truth_box[0]) * (truth_box[3] - truth_box[1])
+    visible = [(name, xy) for name, xy in truth.items() if xy is not None]
+    if area <= 0 or not visible:
+        return 0.0
+    total = 0.0
+    for name, (gx, gy) in visible:
+        guess = predicted.get(name)
+        if guess is not None:
+            distance2 = (guess[0] - gx) ** 2 + (guess[1] - gy) ** 2
+            total += math.exp(-distance2 / (2 * KEYPOINT_SIGMA**2 * area))
+    return total / len(visible)
 
 
 def match_points(truths: Sequence[Shape], points: Sequence[XY]) -> set[int]:
@@ -270,6 +299,32 @@ def score_points(
         matched += len(used)
         counted += len(points) - excused
     return SampleScore(sum(not t.crowd for t in truths), {POINT_KEY: counted}, {POINT_KEY: matched})
+
+
+def score_keypoints(
+    truths: Sequence[Truth],
+    predictions: Sequence[Prediction],
+    *,
+    single_phrase: bool = False,
+    thresholds: Sequence[float] = IOU_THRESHOLDS,
+) -> SampleScore:
+    """Keypoint instances matched one-to-one by OKS at each threshold (0.50:0.95, like IoU).
+    Ground-truth instances without a visible keypoint cannot be matched and are not counted."""
+    counted = {iou_key(t): 0 for t in thresholds}
+    matched = {iou_key(t): 0 for t in thresholds}
+    truth_count = 0
+    for group_truths, group_preds in _groups(truths, predictions, single_phrase):
+        scored = [t for t in group_truths if t.keypoints and t.box and any(v is not None for v in t.keypoints.values())]
+        truth_count += len(scored)
+        similarity = [
+            [oks(t.box, t.keypoints, p.keypoints or {}) for p in group_preds]  # type: ignore[arg-type]
+            for t in scored
+        ]
+        for threshold in thresholds:
+            key = iou_key(threshold)
+            matched[key] += len(match_greedy(similarity, threshold))
+            counted[key] += len(group_preds)
+    return SampleScore(truth_count, counted, matched)
 
 
 def _f1(precision: float, recall: float) -> float:
