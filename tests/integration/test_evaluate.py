@@ -129,6 +129,30 @@ async def test_cli_keypoints_on_a_live_server(
     assert "OKS 0.50" in capsys.readouterr().out
 
 
+async def test_cli_resume_asks_only_what_is_missing(
+    live_servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = live_servers
+    data, predictions, report = dataset(tmp_path), tmp_path / "pred.jsonl", tmp_path / "report.json"
+    args = ["--url", url, "evaluate", str(data), "--predictions", str(predictions), "--report", str(report)]
+    args += ["--options", json.dumps({"forced_output": FORCED})]
+    assert await asyncio.to_thread(main, args) == 0  # the third image is missing: it fails
+    first = json.loads(report.read_text())
+    (tmp_path / "missing.png").write_bytes(image_bytes(W, H, "PNG"))  # now it is there
+    assert await asyncio.to_thread(main, [*args, "--resume"]) == 0
+    resumed = json.loads(report.read_text())
+    assert resumed["resumed"] == 2 and resumed["scored"] == 3 and resumed["failed"] == {}
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [line["id"] for line in lines].count("3") == 2 and len(lines) == 4  # only image 3 asked again
+    # The two earlier images score as before; image 3 (GT 1x1 px at the corner) adds a miss.
+    assert first["metrics"]["0.50"]["precision"] == 1.0 and resumed["metrics"]["0.50"]["precision"] == pytest.approx(
+        2 / 3, abs=1e-4
+    )
+    assert "2 images scored from the earlier predictions" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, [*args[:3], str(data), "--resume"]) == 2  # nothing to resume from
+    assert "--resume needs --predictions" in capsys.readouterr().err
+
+
 async def test_cli_rejects_bad_options_and_files_before_any_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,15 @@ from pydantic import ValidationError
 
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample, load_dataset
 from rexomni_client.evaluation.report import category_table, report_dict, table
-from rexomni_client.evaluation.runner import EVALUATED_TASKS, EvalRun, Query, ServerUnreachable, evaluate
+from rexomni_client.evaluation.runner import (
+    EVALUATED_TASKS,
+    EvalRun,
+    Query,
+    SavedAnswer,
+    ServerUnreachable,
+    evaluate,
+    saved_answers,
+)
 from rexomni_client.http import AsyncRexOmniClient
 from rexomni_server.schemas import DetectOptions, DetectResult
 from rexomni_server.tasks import Task
@@ -43,6 +51,11 @@ def add_evaluate_parser(sub: Any) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--options", default="{}", help='request options as JSON, e.g. {"max_new_tokens": 2048}')
     parser.add_argument("--predictions", type=Path, help="write one JSON line per image (detections, errors)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --predictions: score the images already answered there, ask only the rest (appends)",
+    )
     parser.add_argument("--report", type=Path, help="write the metrics as JSON")
     parser.add_argument(
         "--per-category", action="store_true", help="also score each category alone (table of the worst, JSON)"
@@ -63,9 +76,11 @@ def _progress(total: int, out: TextIO) -> Any:
     return tick
 
 
-async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any]) -> EvalRun:
-    records = args.predictions.open("w", encoding="utf-8") if args.predictions else None
-    tick = _progress(len(samples), sys.stderr)
+async def _run(
+    args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any], saved: dict[str, SavedAnswer]
+) -> EvalRun:
+    records = args.predictions.open("a" if args.resume else "w", encoding="utf-8") if args.predictions else None
+    tick = _progress(len(samples) - len(saved.keys() & {s.sample_id for s in samples}), sys.stderr)
 
     def on_record(record: dict[str, Any]) -> None:
         if records is not None:
@@ -88,10 +103,23 @@ async def _run(args: argparse.Namespace, samples: list[EvalSample], options: dic
                     prompt["keypoint_type"] = args.keypoint_type
                 return await client.detect(image, task.value, list(query.categories), **prompt, **options)
 
-            return await evaluate(samples, detect, args.task, concurrency=args.concurrency, on_record=on_record)
+            return await evaluate(
+                samples, detect, args.task, concurrency=args.concurrency, on_record=on_record, saved=saved
+            )
     finally:
         if records is not None:
             records.close()
+
+
+def _saved(args: argparse.Namespace) -> dict[str, SavedAnswer]:
+    if not args.resume:
+        return {}
+    if args.predictions is None:
+        raise DatasetError("--resume needs --predictions (the file to resume from and append to)")
+    if not args.predictions.exists():
+        return {}
+    with args.predictions.open(encoding="utf-8") as lines:
+        return saved_answers(lines)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -100,6 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # The server's own validation, before any request.
         DetectOptions(**options)
         samples = load_dataset(args.annotations, args.images, args.format)
+        saved = _saved(args)
     except json.JSONDecodeError as exc:
         print(f"error: --options is not JSON: {exc.msg}", file=sys.stderr)
         return 2
@@ -115,7 +144,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("error: the dataset has no images to evaluate", file=sys.stderr)
         return 2
     try:
-        run = asyncio.run(_run(args, samples, options))
+        run = asyncio.run(_run(args, samples, options, saved))
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,11 @@ def _metric(m: Metric) -> dict[str, float]:
     return {"precision": round(m.precision, 4), "recall": round(m.recall, 4), "f1": round(m.f1, 4)}
 
 
+def asked_rate(run: EvalRun) -> float:
+    """Images answered by the server per second (resumed ones took no time)."""
+    return (run.summary.samples - run.resumed) / run.elapsed_s
+
+
 def measure(run: EvalRun) -> str:
     """What the thresholds apply to: keypoint similarity for keypoints, box overlap otherwise."""
     return "OKS" if run.task is Task.KEYPOINT else "IoU"
@@ -44,9 +49,10 @@ def report_dict(run: EvalRun, dataset: str, per_category: bool = False) -> dict[
         "measure": measure(run) if summary.mean else "point in object",
         "mean_0.50_0.95": _metric(summary.mean) if summary.mean else None,
         "detections": run.detections,
+        "resumed": run.resumed,
         "length_limited": run.length_limited,
         "elapsed_s": round(run.elapsed_s, 3),
-        "images_per_s": round(summary.samples / run.elapsed_s, 3) if run.elapsed_s > 0 else None,
+        "images_per_s": round(asked_rate(run), 3) if run.elapsed_s > 0 else None,
         "latency_ms": {
             "p50": _percentile(run.latencies_ms, 0.5),
             "p95": _percentile(run.latencies_ms, 0.95),
@@ -90,11 +96,13 @@ def table(run: EvalRun) -> str:
         rows.append((f"mean {measure(run)} {first:.2f}:{last:.2f}", summary.mean))
     lines = [f"{'criterion':<22} {'precision':>9} {'recall':>7} {'F1':>7}"]
     lines += [f"{name:<22} {m.precision:>9.4f} {m.recall:>7.4f} {m.f1:>7.4f}" for name, m in rows]
-    rate = f"{summary.samples / run.elapsed_s:.2f} images/s" if run.elapsed_s > 0 else "-"
+    rate = f"{asked_rate(run):.2f} images/s" if run.elapsed_s > 0 else "-"
     lines.append(
         f"task {run.task.value}: {summary.samples}/{run.samples} images scored, {len(run.failed)} failed, "
         f"{run.detections} detections, {run.elapsed_s:.1f} s ({rate})"
     )
+    if run.resumed:
+        lines.append(f"{run.resumed} images scored from the earlier predictions, not asked again")
     if run.length_limited:
         lines.append(f"{run.length_limited} answers hit max_new_tokens: raise it with --options for a fair recall")
     return "\n".join(lines)

@@ -9,8 +9,9 @@ many); a server that cannot be reached at all stops the run.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,8 @@ from rexomni_client.evaluation.scoring import (
     score_points,
     summarize,
 )
-from rexomni_client.http import RexOmniHTTPError
-from rexomni_server.schemas import BoxDetection, DetectResult, KeypointsDetection, PointDetection
+from rexomni_client.http import DETECTION_ADAPTER, RexOmniHTTPError
+from rexomni_server.schemas import BoxDetection, DetectionModel, DetectResult, KeypointsDetection, PointDetection
 from rexomni_server.tasks import TASKS, Geometry, Task
 
 # Tasks whose answers can be scored against boxes or regions.
@@ -83,6 +84,7 @@ class EvalRun:
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     by_category: dict[str, Summary] = field(default_factory=dict)
+    resumed: int = 0  # images scored from an earlier run's predictions, not asked again
 
 
 def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
@@ -110,10 +112,10 @@ def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
     return parsed
 
 
-def predictions_of(result: DetectResult, label: str | None = None) -> list[Prediction]:
+def predictions_of(detections: Sequence[DetectionModel], label: str | None = None) -> list[Prediction]:
     """The scorable detections; ``label`` replaces the model's own (visual prompting)."""
     predictions = []
-    for det in result.detections:
+    for det in detections:
         name = label if label is not None else det.label
         if isinstance(det, KeypointsDetection):
             keypoints = {k: (tuple(v) if v is not None else None) for k, v in det.keypoints.items()}
@@ -123,6 +125,31 @@ def predictions_of(result: DetectResult, label: str | None = None) -> list[Predi
         elif isinstance(det, PointDetection):
             predictions.append(Prediction(name, point=tuple(det.point)))  # type: ignore[arg-type]
     return predictions
+
+
+@dataclass(frozen=True)
+class SavedAnswer:
+    """An image's answer from an earlier run's predictions file (labels as credited)."""
+
+    detections: list[DetectionModel]
+    finish_reason: str
+
+
+def saved_answers(lines: Iterable[str]) -> dict[str, SavedAnswer]:
+    """The answered images of a predictions file (``--predictions``); images that failed are
+    left out so they are asked again. The last line of an image wins."""
+    saved: dict[str, SavedAnswer] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "detections" in record:
+                detections = [DETECTION_ADAPTER.validate_python(d) for d in record["detections"]]
+                saved[str(record["id"])] = SavedAnswer(detections, str(record.get("finish_reason", "stop")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"predictions line {lineno} cannot be read: {exc}") from None
+    return saved
 
 
 def score_predictions(
@@ -161,14 +188,24 @@ async def evaluate(
     *,
     concurrency: int = 8,
     on_record: OnRecord | None = None,
+    saved: Mapping[str, SavedAnswer] | None = None,
 ) -> EvalRun:
+    """Scores every sample: from ``saved`` answers where there is one (a resumed run), else
+    from the server (``detect``), ``concurrency`` images at a time."""
     parsed = check_task(task, samples)
     limit = asyncio.Semaphore(max(1, concurrency))
     scores: dict[str, SampleScore] = {}
     answers: dict[str, list[Prediction]] = {}
     run = EvalRun(parsed, summarize([]), len(samples))
 
-    async def one(sample: EvalSample) -> None:
+    def account(sample: EvalSample, predictions: list[Prediction], finish_reasons: Sequence[str]) -> SampleScore:
+        answers[sample.sample_id] = predictions
+        score = scores[sample.sample_id] = score_predictions(parsed, sample.truths, predictions, sample.single_phrase)
+        run.detections += len(predictions)
+        run.length_limited += "length" in finish_reasons
+        return score
+
+    async def ask(sample: EvalSample) -> None:
         async with limit:
             record: dict[str, Any] = {"id": sample.sample_id, "image": str(sample.image)}
             start = time.perf_counter()
@@ -181,17 +218,13 @@ async def evaluate(
             else:
                 latency = (time.perf_counter() - start) * 1000
                 answered = list(zip(queries, results, strict=True))
-                predictions = [p for query, result in answered for p in predictions_of(result, query.label)]
-                answers[sample.sample_id] = predictions
-                score = score_predictions(parsed, sample.truths, predictions, sample.single_phrase)
-                scores[sample.sample_id] = score
-                run.detections += len(predictions)
-                cut_off = any(result.finish_reason == "length" for result in results)
-                run.length_limited += cut_off
+                reasons = [result.finish_reason for result in results]
+                predictions = [p for query, result in answered for p in predictions_of(result.detections, query.label)]
+                score = account(sample, predictions, reasons)
                 run.latencies_ms.append(latency)
                 record.update(
                     latency_ms=round(latency, 1),
-                    finish_reason="length" if cut_off else results[-1].finish_reason,
+                    finish_reason="length" if "length" in reasons else reasons[-1],
                     truths=score.truths,
                     matches=dict(score.matches),
                     detections=[
@@ -202,6 +235,14 @@ async def evaluate(
                 )
             if on_record is not None:
                 on_record(record)
+
+    async def one(sample: EvalSample) -> None:
+        answer = (saved or {}).get(sample.sample_id)
+        if answer is None:
+            await ask(sample)
+            return
+        account(sample, predictions_of(answer.detections), [answer.finish_reason])
+        run.resumed += 1
 
     start = time.perf_counter()
     try:
