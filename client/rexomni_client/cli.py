@@ -65,19 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _retries(args: argparse.Namespace, default: int = 2) -> int:
-    return default if args.retries is None else int(args.retries)
+def _client_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(target, keyword arguments) shared by the sync and asyncio clients of the transport."""
+    settings: dict[str, Any] = {
+        "api_key": args.api_key,
+        "ca_file": args.ca_file,
+        "retries": 2 if args.retries is None else int(args.retries),
+    }
+    if args.grpc:
+        return args.grpc, {**settings, "tls": args.tls}
+    return args.url, settings
 
 
 def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[DetectionModel | DetectResult]:
-    client: RexOmniClient | RexOmniGrpcClient
     image = args.images[0]
-    if args.grpc:
-        client = RexOmniGrpcClient(
-            args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=_retries(args)
-        )
-    else:
-        client = RexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file, retries=_retries(args))
+    target, settings = _client_settings(args)
+    client = RexOmniGrpcClient(target, **settings) if args.grpc else RexOmniClient(target, **settings)
     with client:
         if args.stream:
             yield from client.detect_stream(image, args.task, args.categories, **kwargs)
@@ -87,13 +90,8 @@ def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[Detect
 
 async def _detect_many(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
     """One JSON line per image, as each finishes; exit status 1 when any image failed."""
-    client: AsyncRexOmniClient | AsyncRexOmniGrpcClient
-    if args.grpc:
-        client = AsyncRexOmniGrpcClient(
-            args.grpc, api_key=args.api_key, tls=args.tls, ca_file=args.ca_file, retries=_retries(args)
-        )
-    else:
-        client = AsyncRexOmniClient(args.url, api_key=args.api_key, ca_file=args.ca_file, retries=_retries(args))
+    target, settings = _client_settings(args)
+    client = AsyncRexOmniGrpcClient(target, **settings) if args.grpc else AsyncRexOmniClient(target, **settings)
     failed = 0
     async with client:
         answers = detect_many(client, args.images, args.task, args.categories, concurrency=args.concurrency, **kwargs)
@@ -120,9 +118,10 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = json.loads(args.options)
     if not isinstance(kwargs, dict):
         raise ValueError("--options must be a JSON object")
-    kwargs.update(
-        return_raw_output=args.raw or kwargs.get("return_raw_output", False), keypoint_type=args.keypoint_type
-    )
+    if args.raw:
+        kwargs["return_raw_output"] = True
+    if args.keypoint_type:
+        kwargs["keypoint_type"] = args.keypoint_type
     if args.max_new_tokens:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.visual_prompt_boxes:
