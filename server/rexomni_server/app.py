@@ -143,8 +143,8 @@ class ApiKeyMiddleware:
 
 
 def document_api_keys(app: FastAPI) -> None:
-    """Declare the API-key schemes in the OpenAPI document, on the detection operations only,
-    so generated clients and the /docs page know to send a key."""
+    """Declare the API-key schemes in the OpenAPI document on every operation the keys close
+    (see OPEN_PATHS), so generated clients and the /docs page know to send a key."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -154,9 +154,10 @@ def document_api_keys(app: FastAPI) -> None:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
             }
-            for path in DETECT_PATHS:
-                for operation in schema["paths"].get(path, {}).values():
-                    operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -129,7 +129,7 @@ async def test_clients_and_cli_send_the_key(
     assert json.loads(capsys.readouterr().out)["detections"][0]["label"] == "cat"
 
 
-async def test_openapi_declares_the_key_on_detection_only(keyed: tuple[Runtime, str, str]) -> None:
+async def test_openapi_declares_the_key_where_it_is_needed(keyed: tuple[Runtime, str, str]) -> None:
     _, url, _ = keyed
     async with httpx.AsyncClient(base_url=url) as client:
         schema = (await client.get("/openapi.json")).json()
