@@ -274,9 +274,10 @@ def score_boxes(
         if len(solid_boxes) != len(solid):
             raise ValueError("box scoring needs a box for every ground-truth object")
         boxes = [_box_of(p) for p in group_preds]
+        overlaps = [[box_iou(t, b) for b in boxes] for t in solid_boxes]  # once for every threshold
         for threshold in thresholds:
             key = iou_key(threshold)
-            used = match_boxes(solid_boxes, boxes, threshold)
+            used = match_greedy(overlaps, threshold)
             excused = sum(
                 1
                 for i, box in enumerate(boxes)
