@@ -90,3 +90,12 @@ def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
+
+
+def test_orchestrators_wait_longer_than_the_server_drains() -> None:
+    """docker stop and Kubernetes kill after their grace period: it must outlast the drain."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["rexomni"]
+    assert compose["stop_grace_period"].endswith("s")
+    assert float(compose["stop_grace_period"][:-1]) > SERVER.drain_timeout_s
+    k8s = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
+    assert k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > SERVER.drain_timeout_s
