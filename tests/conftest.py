@@ -21,6 +21,16 @@ def image_bytes(width: int = 640, height: int = 480, fmt: str = "PNG", mode: str
     return buf.getvalue()
 
 
+def noise_png(width: int, height: int, seed: int = 0) -> bytes:
+    """A PNG of random pixels: it does not compress, so its size is about width * height * 3."""
+    import random
+
+    pixels = random.Random(seed).randbytes(width * height * 3)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from rexomni_server.tiny import make_tiny_model

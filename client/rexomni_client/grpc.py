@@ -32,7 +32,12 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, in
             "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
         }
         config = {"methodConfig": [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]}
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+        options += [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(config)),
+            # gRPC replays only calls it kept whole (256 KiB by default): a photo is bigger.
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ]
     return options
 
 

@@ -86,6 +86,8 @@ def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
         else:  # the gRPC health service (grpc.health.v1) runs beside Detect
             assert spec["grpc"]["port"] == ports["grpc"]
     assert pod["metadata"]["annotations"]["prometheus.io/path"] in HTTP_PATHS
+    # A Service named rexomni would otherwise inject REXOMNI_PORT=tcp://... into the pod.
+    assert pod["spec"]["enableServiceLinks"] is False
     assert {p["targetPort"] for p in docs["Service"]["spec"]["ports"]} == set(ports)
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
