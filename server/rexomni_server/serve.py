@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,15 @@ class RunningServers:
         await asyncio.gather(stop_http(), stop_grpc())
 
 
+class _HTTPServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: ``serve`` owns SIGTERM/SIGINT and stops HTTP and
+    gRPC together (uvicorn's handler would drain HTTP alone while gRPC kept accepting)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None) -> RunningServers:
     """Start HTTP (uvicorn) and/or gRPC on ``runtime``; ``None`` leaves a transport off."""
     servers = RunningServers(http=None, http_task=None, grpc=None)
@@ -76,10 +86,10 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
             lifespan="off",
             ssl_certfile=settings.tls_cert_file,
             ssl_keyfile=settings.tls_key_file,
-            # A second more than the SSE streams' own grace, so they end cleanly first.
-            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 1,
+            # In-flight responses (SSE streams included) get the drain timeout, then are cut.
+            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         )
-        servers.http = uvicorn.Server(config)
+        servers.http = _HTTPServer(config)
         servers.http_task = asyncio.create_task(servers.http.serve())
         while not servers.http.started:
             if servers.http_task.done():  # e.g. the port is taken: uvicorn exits
@@ -98,9 +108,7 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        # signal.signal (not loop.add_signal_handler) so uvicorn, which re-raises the signals
-        # it captured after its own shutdown, lands here instead of killing the process.
-        signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+        loop.add_signal_handler(sig, stop.set)
     servers = await start_servers(
         runtime,
         settings.host,

@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from rexomni_client import RexOmniClient, RexOmniHTTPError
+from rexomni_client import RexOmniClient, RexOmniGrpcClient, RexOmniHTTPError
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.slow
@@ -189,13 +190,20 @@ def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
     forced = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>"
     forced += ", ".join(f"<{i}><{i}><{i + 9}><{i + 9}>" for i in range(boxes)) + "<|box_end|>"
     args = ["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"]
-    for url, proc, _ in serve(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
+    for url, proc, health in serve(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
         first = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             streamed = pool.submit(_stream_until_done, url, forced, first)
             assert first.wait(60)
             sent = time.monotonic()
             proc.terminate()  # SIGTERM while the answer is being generated
+            if finishes:  # while HTTP drains, gRPC has stopped accepting too (both stop at once)
+                time.sleep(0.3)
+                with RexOmniGrpcClient(str(health["grpc_target"]), timeout=10, retries=0) as late:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        late.detect(image_bytes(64, 48), "detection", ["cat"], forced_output=forced)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                assert not streamed.done()  # ...and the HTTP stream is still being answered
             events = streamed.result(timeout=90)
             assert proc.wait(timeout=60) == 0
             took = time.monotonic() - sent

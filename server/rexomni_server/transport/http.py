@@ -195,8 +195,8 @@ async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSou
             # aborts the engine request.
             await events.aclose()  # type: ignore[attr-defined]
 
-    # On shutdown a stream may finish for up to the drain timeout before it is cut (by default
-    # sse-starlette would end every stream the moment the server is told to stop).
+    # Should sse-starlette see the server stop (plain uvicorn signal handling; `serve` owns the
+    # signals itself), a stream still gets the drain timeout to finish instead of ending at once.
     grace = _runtime(request).settings.drain_timeout_s
     return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid}, shutdown_grace_period=grace)
 
