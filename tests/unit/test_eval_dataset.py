@@ -168,3 +168,15 @@ def test_keypoint_ground_truth_from_jsonl_and_coco(tmp_path: Path) -> None:
     coco["annotations"][0]["keypoints"] = [3, 4, 2]  # type: ignore[index]
     with pytest.raises(DatasetError, match="2 \\(x, y, v\\) triples"):
         load_dataset(write(tmp_path / "person_keypoints.json", coco))
+
+
+def test_degenerate_coco_polygons_are_skipped_and_ids_must_be_unique(tmp_path: Path) -> None:
+    annotation = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "segmentation": [[5, 5, 6, 6]]}
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "cat"}]}
+    (sample,) = load_dataset(write(tmp_path / "c.json", {**coco, "annotations": [annotation]}))
+    assert sample.truths[0].shape is None and sample.boxed
+    line = {"id": 7, "image_path": "a.jpg", "categories": ["cat"], "gt": {"cat": []}}
+    path = tmp_path / "dup.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps(line))
+    with pytest.raises(DatasetError, match="id '7' is used by more than one image"):
+        load_dataset(path)

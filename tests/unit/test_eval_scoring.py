@@ -182,3 +182,18 @@ def test_keypoint_instances_match_one_to_one_by_oks() -> None:
     assert score.matches["0.50"] == 1  # both predictions are on a; a takes only one of them
     assert score.matches["0.75"] == 1 and score.matches["0.95"] == 1  # the exact one
     assert score.precision_recall("0.50") == (0.5, 0.5)
+
+
+def test_keypoint_answers_on_crowds_and_unlabelled_people_are_not_held_against_the_model() -> None:
+    labelled = Truth("person", box=(0, 0, 100, 100), keypoints={"nose": (50.0, 50.0)})
+    unlabelled = Truth("person", box=(200, 0, 300, 100), keypoints={"nose": None})  # COCO num_keypoints 0
+    crowd = Truth("person", box=(400, 0, 600, 200), crowd=True, keypoints={"nose": None})
+    predictions = [
+        Prediction("person", box=(0, 0, 100, 100), keypoints={"nose": (50.0, 50.0)}),
+        Prediction("person", box=(200, 0, 300, 100), keypoints={"nose": (250.0, 50.0)}),
+        Prediction("person", box=(450, 50, 500, 150), keypoints={"nose": (470.0, 60.0)}),
+        Prediction("person", box=(800, 0, 900, 100), keypoints={"nose": (850.0, 50.0)}),  # nobody there
+    ]
+    score = score_keypoints([labelled, unlabelled, crowd], predictions)
+    assert score.truths == 1 and score.predictions["0.50"] == 2  # the two excused are not counted
+    assert score.precision_recall("0.50") == (0.5, 1.0)

@@ -57,10 +57,18 @@ def load_dataset(path: Path, images: Path | None = None, fmt: str = "auto") -> l
     except OSError as exc:
         raise DatasetError(f"{path}: {exc.strerror or exc}") from None
     if fmt == "coco":
-        return list(_coco_samples(_json(text, str(path)), root))
-    if fmt == "jsonl":
-        return list(_jsonl_samples(text, root, path))
-    raise DatasetError(f"unknown dataset format {fmt!r} (coco, jsonl or auto)")
+        samples = list(_coco_samples(_json(text, str(path)), root))
+    elif fmt == "jsonl":
+        samples = list(_jsonl_samples(text, root, path))
+    else:
+        raise DatasetError(f"unknown dataset format {fmt!r} (coco, jsonl or auto)")
+    # Scores, answers and --resume are keyed by sample id: two images with one id would mix.
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.sample_id in seen:
+            raise DatasetError(f"{path.name}: id {sample.sample_id!r} is used by more than one image")
+        seen.add(sample.sample_id)
+    return samples
 
 
 def _json(text: str, where: str) -> Any:
@@ -96,8 +104,11 @@ def _coco_shape(segmentation: Any, where: str) -> Shape | None:
     if isinstance(segmentation, dict):
         return MaskShape(segmentation)
     if isinstance(segmentation, list) and segmentation:
-        parts = tuple(_polygon(p, where) for p in segmentation if isinstance(p, list))
-        return parts[0] if len(parts) == 1 else MultiShape(parts)
+        # COCO has a few degenerate parts (fewer than three points); like other COCO tools, skip
+        # them rather than refuse the file (box tasks never look at segmentations anyway).
+        parts = tuple(_polygon(p, where) for p in segmentation if isinstance(p, list) and len(p) >= 6)
+        if parts:
+            return parts[0] if len(parts) == 1 else MultiShape(parts)
     return None
 
 

@@ -310,12 +310,15 @@ def score_keypoints(
     thresholds: Sequence[float] = IOU_THRESHOLDS,
 ) -> SampleScore:
     """Keypoint instances matched one-to-one by OKS at each threshold (0.50:0.95, like IoU).
-    Ground-truth instances without a visible keypoint cannot be matched and are not counted."""
+    Ground truth that cannot be judged by keypoints (a crowd, a person with no labelled
+    keypoint) is not counted, and an unmatched prediction mostly inside one is not held
+    against the model (as COCO's keypoint evaluation ignores them)."""
     counted = {iou_key(t): 0 for t in thresholds}
     matched = {iou_key(t): 0 for t in thresholds}
     truth_count = 0
     for group_truths, group_preds in _groups(truths, predictions, single_phrase):
-        scored = [t for t in group_truths if t.keypoints and t.box and any(v is not None for v in t.keypoints.values())]
+        scored = [t for t in group_truths if not t.crowd and t.box and t.keypoints and _any_visible(t.keypoints)]
+        ignored = [t.box for t in group_truths if t not in scored and t.box is not None]
         truth_count += len(scored)
         similarity = [
             [oks(t.box, t.keypoints, p.keypoints or {}) for p in group_preds]  # type: ignore[arg-type]
@@ -323,9 +326,21 @@ def score_keypoints(
         ]
         for threshold in thresholds:
             key = iou_key(threshold)
-            matched[key] += len(match_greedy(similarity, threshold))
-            counted[key] += len(group_preds)
+            used = match_greedy(similarity, threshold)
+            excused = sum(
+                1
+                for i, p in enumerate(group_preds)
+                if i not in used
+                and p.box is not None
+                and any(_share_inside(p.box, box) >= CROWD_OVERLAP for box in ignored)
+            )
+            matched[key] += len(used)
+            counted[key] += len(group_preds) - excused
     return SampleScore(truth_count, counted, matched)
+
+
+def _any_visible(keypoints: Keypoints) -> bool:
+    return any(position is not None for position in keypoints.values())
 
 
 def _f1(precision: float, recall: float) -> float:
