@@ -139,6 +139,8 @@ async def test_cli_resume_asks_only_what_is_missing(
     assert await asyncio.to_thread(main, args) == 0  # the third image is missing: it fails
     first = json.loads(report.read_text())
     (tmp_path / "missing.png").write_bytes(image_bytes(W, H, "PNG"))  # now it is there
+    with predictions.open("a") as f:  # a run killed while writing a line
+        f.write('{"id": "3", "detections": [{"ty')
     assert await asyncio.to_thread(main, [*args, "--resume"]) == 0
     resumed = json.loads(report.read_text())
     assert resumed["resumed"] == 2 and resumed["scored"] == 3 and resumed["failed"] == {}
@@ -151,6 +153,21 @@ async def test_cli_resume_asks_only_what_is_missing(
     assert "2 images scored from the earlier predictions" in capsys.readouterr().out
     assert await asyncio.to_thread(main, [*args[:3], str(data), "--resume"]) == 2  # nothing to resume from
     assert "--resume needs --predictions" in capsys.readouterr().err
+
+
+async def test_an_image_the_schema_refuses_fails_alone(live_servers: tuple[str, str], tmp_path: Path) -> None:
+    url, _ = live_servers
+    (tmp_path / "a.png").write_bytes(image_bytes(W, H, "PNG"))
+    lines = [
+        {"image_path": "a.png", "categories": ["cat"], "gt": {"cat": [[0, 0, W, H]]}},
+        {"image_path": "a.png", "categories": [], "gt": {}},  # a detection request needs a category
+    ]
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = tmp_path / "r.json"
+    args = ["--url", url, "evaluate", str(tmp_path / "x.jsonl"), "--report", str(report)]
+    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 0
+    written = json.loads(report.read_text())
+    assert written["scored"] == 1 and "needs at least one category" in written["failed"]["2"]
 
 
 async def test_cli_rejects_bad_options_and_files_before_any_request(
@@ -245,3 +262,16 @@ async def test_visual_prompting_needs_reference_boxes(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError, match="no visual_prompt boxes"):
         await evaluate([sample], never, "visual_prompting")
+
+
+def test_saved_answers_survive_a_run_killed_mid_line() -> None:
+    from rexomni_client.evaluation.runner import saved_answers
+
+    good = json.dumps({"id": "1", "detections": [{"type": "box", "label": "cat", "box": [0, 0, 1, 1]}]})
+    failed = json.dumps({"id": "2", "error": "image not found"})
+    cut = '{"id": "3", "detections": [{"type": "bo'
+    saved = saved_answers([good, failed, cut])
+    assert list(saved) == ["1"]  # the failed and the cut-short images will be asked again
+    assert saved["1"].detections[0].label == "cat"
+    with pytest.raises(DatasetError, match="predictions line 2 cannot be read"):
+        saved_answers([good, cut, failed])  # damage before the end is not a kill: refuse

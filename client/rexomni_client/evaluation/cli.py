@@ -79,12 +79,13 @@ def _progress(total: int, out: TextIO) -> Any:
 async def _run(
     args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any], saved: dict[str, SavedAnswer]
 ) -> EvalRun:
-    records = args.predictions.open("a" if args.resume else "w", encoding="utf-8") if args.predictions else None
+    records = _open_predictions(args.predictions, args.resume) if args.predictions else None
     tick = _progress(len(samples) - len(saved.keys() & {s.sample_id for s in samples}), sys.stderr)
 
     def on_record(record: dict[str, Any]) -> None:
         if records is not None:
             records.write(json.dumps(record) + "\n")
+            records.flush()  # a killed run keeps every image it finished (see --resume)
         tick(record)
 
     try:
@@ -109,6 +110,19 @@ async def _run(
     finally:
         if records is not None:
             records.close()
+
+
+def _open_predictions(path: Path, resume: bool) -> TextIO:
+    """Fresh, or (resuming) appended to; a last line cut short by a killed run is dropped first
+    (its image is asked again), so the file stays one JSON object per line."""
+    if not resume:
+        return path.open("w", encoding="utf-8")
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
 
 
 def _saved(args: argparse.Namespace) -> dict[str, SavedAnswer]:

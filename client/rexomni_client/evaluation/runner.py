@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample
 from rexomni_client.evaluation.scoring import (
@@ -137,17 +138,19 @@ class SavedAnswer:
 
 def saved_answers(lines: Iterable[str]) -> dict[str, SavedAnswer]:
     """The answered images of a predictions file (``--predictions``); images that failed are
-    left out so they are asked again. The last line of an image wins."""
+    left out so they are asked again. The last line of an image wins. A last line cut short
+    (the run was killed while writing it) is ignored: that image is asked again."""
     saved: dict[str, SavedAnswer] = {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for position, (lineno, line) in enumerate(numbered, 1):
         try:
             record = json.loads(line)
             if "detections" in record:
                 detections = [DETECTION_ADAPTER.validate_python(d) for d in record["detections"]]
                 saved[str(record["id"])] = SavedAnswer(detections, str(record.get("finish_reason", "stop")))
         except (ValueError, KeyError, TypeError) as exc:
+            if position == len(numbered) and isinstance(exc, json.JSONDecodeError):
+                break
             raise DatasetError(f"predictions line {lineno} cannot be read: {exc}") from None
     return saved
 
@@ -213,7 +216,8 @@ async def evaluate(
                 image = await asyncio.to_thread(sample.image.read_bytes)
                 queries = queries_for(parsed, sample)
                 results = [await detect(parsed, query, image) for query in queries]
-            except (OSError, RexOmniHTTPError, httpx.TimeoutException) as exc:
+            except (OSError, RexOmniHTTPError, httpx.TimeoutException, ValidationError) as exc:
+                # ValidationError: the sample makes a request the schema refuses (no category...).
                 run.failed[sample.sample_id] = record["error"] = _describe(exc)
             else:
                 latency = (time.perf_counter() - start) * 1000
@@ -251,8 +255,8 @@ async def evaluate(
                 group.create_task(one(sample))
     except BaseExceptionGroup as errors:
         # No server to talk to: stop at once rather than fail every image the same way.
-        unreachable = errors.subgroup(httpx.TransportError)
-        if unreachable is None:
+        unreachable, other = errors.split(httpx.TransportError)
+        if unreachable is None or other is not None:
             raise
         raise ServerUnreachable(str(unreachable.exceptions[0])) from None
     run.elapsed_s = time.perf_counter() - start
@@ -263,6 +267,8 @@ async def evaluate(
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
     if isinstance(exc, FileNotFoundError):
         return f"image not found: {exc.filename}"
     if isinstance(exc, httpx.TimeoutException):
