@@ -15,7 +15,8 @@ from rexomni_client.http import ImageInput, RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
 
 # What one image may fail with without stopping the others: refused by the server, a call
-# error, a timeout, an unreadable file. A server that cannot be reached at all still raises.
+# error, a timeout, an unreadable file. An HTTP server that cannot be reached at all raises
+# (httpx.ConnectError); over gRPC every image then fails with UNAVAILABLE instead.
 IMAGE_ERRORS = (RexOmniHTTPError, grpc.aio.AioRpcError, httpx.TimeoutException, OSError)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+import httpx
 from pydantic import ValidationError
 
 from rexomni_client.bulk import detect_many
@@ -133,7 +134,18 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
+        if args.grpc or args.tls:
+            print("error: evaluate talks HTTP: give the server with --url (https:// for TLS)", file=sys.stderr)
+            return 2
         return run_evaluate(args)
+    try:
+        return _detect(args)
+    except httpx.TransportError as exc:  # no server there, or the connection broke
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _detect(args: argparse.Namespace) -> int:
     try:
         kwargs = _request_kwargs(args)
     except ValidationError as exc:

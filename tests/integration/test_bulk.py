@@ -65,3 +65,14 @@ async def test_cli_checks_options_before_any_request(capsys: pytest.CaptureFixtu
     assert "needs at least one category" in capsys.readouterr().err
     assert await asyncio.to_thread(main, [*unreachable, "--categories", "cat", "--stream"]) == 2
     assert "take one image" in capsys.readouterr().err
+
+
+async def test_cli_without_a_server_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(image_bytes(40, 30))
+    for images in ([image], [image, image]):
+        args = ["--url", "http://127.0.0.1:9", "detect", *map(str, images), "--categories", "cat"]
+        assert await asyncio.to_thread(main, args) == 1
+        assert "error: cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["--grpc", "127.0.0.1:9", "evaluate", str(image)]) == 2
+    assert "evaluate talks HTTP" in capsys.readouterr().err
