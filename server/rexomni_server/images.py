@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from rexomni_server.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from rexomni_server.errors import ImageTooLarge, InvalidImage, RexOmniError, UnsupportedImageFormat
 
 FACTOR = 28  # patch 14 x spatial merge 2
 MAX_ASPECT_RATIO = 200
@@ -60,7 +60,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (max_decoded_pixels, checked on the header below) governs, not
+            # Pillow's fixed 89 MP warning; its hard error at twice that still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image: Image.Image = Image.open(io.BytesIO(data))
             fmt = image.format or ""
             if fmt not in ACCEPTED_FORMATS:
@@ -74,14 +76,26 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP/TIFF: the first frame
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = _upright(image)
             return _to_rgb(image)
+    except RexOmniError:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise InvalidImage("the data is not an image PIL can read") from exc
         raise ImageTooLarge("image has too many pixels (decompression bomb guard)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"image could not be decoded: {exc}") from exc
+    except Exception as exc:
+        # Damaged files make Pillow's decoders fail in many ways (struct.error, TypeError, ...):
+        # every one of them is the client's bad image, never a server error.
+        raise InvalidImage(f"image could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; a damaged EXIF block leaves the pixels as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
 
 
 def _check_size(width: int, height: int, limits: ImageLimits) -> None:
@@ -106,10 +120,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
-        image = image.point(lambda v: v * (255 / 65535)).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _grey_to_l(image)
     return image.convert("RGB")
+
+
+def _grey_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale -> 8 bits, scaled rather than clipped: integers by
+    the 16-bit range, floats by 0-1 when that is their range (plain conversion makes them black).
+    Going through mode F first works for every integer layout (I;16B has no point operation)."""
+    floats = image.convert("F")
+    if image.mode == "F":
+        high = float(floats.getextrema()[1])  # type: ignore[arg-type]  # one band: (low, high)
+        scale = 255.0 if high <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return floats.point(lambda v: v * scale).convert("L")
 
 
 def smart_resize(

@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -143,3 +144,42 @@ def test_base64_and_data_uri() -> None:
         decode_base64_image("data:image/png," + encoded)
     with pytest.raises(InvalidImage):
         decode_base64_image("!!!")
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("name", ["corrupt_exif.jpg", "corrupt_gif_frames.gif", "corrupt_frames.tif"])
+def test_damaged_files_found_by_fuzzing_are_handled(name: str) -> None:
+    """Byte-mutated files that once escaped as 500s: each decodes (a damaged EXIF block only
+    loses its rotation) or is a clear InvalidImage."""
+    data = (DATA / name).read_bytes()
+    try:
+        image = decode_image(data, LIMITS)
+    except InvalidImage as exc:
+        assert "could not be decoded" in str(exc)
+    else:
+        assert image.mode == "RGB" and image.size[0] > 0
+
+
+def test_wide_greyscale_modes_keep_their_brightness() -> None:
+    def decoded(image: Image.Image) -> int:
+        buf = io.BytesIO()
+        image.save(buf, "TIFF")
+        pixel = decode_image(buf.getvalue(), LIMITS).getpixel((0, 0))
+        assert isinstance(pixel, tuple)
+        return int(pixel[0])
+
+    big_endian = Image.new("I;16B", (4, 4))
+    big_endian.putdata([65535] * 16)
+    assert decoded(big_endian) == 255  # was refused: "point operation not supported"
+    assert decoded(Image.new("F", (4, 4), 0.5)) == 127  # 0-1 floats: was all black
+    assert decoded(Image.new("F", (4, 4), 200.0)) == 200  # 0-255 floats stay as they are
+
+
+def test_the_pixel_limit_is_ours_not_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would warn from 1000 px on
+    limits = ImageLimits(max_bytes=5_000_000, max_side=8192, max_pixels=2000)
+    assert decode_image(image_bytes(40, 40), limits).size == (40, 40)  # 1600 px: within ours
+    with pytest.raises(ImageTooLarge):
+        decode_image(image_bytes(50, 50), limits)  # 2500 px: over ours
