@@ -119,7 +119,15 @@ class DetectParams(_Strict):
     @field_validator("categories")
     @classmethod
     def _clean_categories(cls, value: list[str]) -> list[str]:
-        cleaned = [c.strip() for c in value if c.strip()]
+        # Stripped, empty ones dropped, repeats (ignoring case) dropped: with fan-out a repeated
+        # category would be asked twice and every detection returned twice.
+        seen: set[str] = set()
+        cleaned = []
+        for raw in value:
+            category = raw.strip()
+            if category and category.casefold() not in seen:
+                seen.add(category.casefold())
+                cleaned.append(category)
         if len(cleaned) > MAX_CATEGORIES:
             raise ValueError(f"at most {MAX_CATEGORIES} categories per request")
         for category in cleaned:

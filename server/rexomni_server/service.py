@@ -8,10 +8,11 @@ paths return identical detections. Transports only translate wire formats and ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
@@ -218,9 +219,12 @@ class DetectionService:
             image = await asyncio.to_thread(load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels)
             self._check_context(image.resized_size)
             texts = self._task_texts(params, (image.width, image.height))
+            engine_token = uuid.uuid4().hex[:12]
             engine_requests = [
                 EngineRequest(
-                    request_id=request_id if len(texts) == 1 else f"{request_id}-{i}",
+                    # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
+                    # refuses a running duplicate); the client's id stays in logs and headers.
+                    request_id=f"{request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
                     task_text=text,
                     image=image.resized,
                     sampling=sampling,
@@ -250,8 +254,10 @@ class DetectionService:
                 queued,
                 transport,
             )
-            async for event in self._run(run, summary):
-                yield event
+            # Closed with this stream (a client that leaves), not whenever it is collected.
+            async with contextlib.aclosing(self._run(run, summary)) as events:
+                async for event in events:
+                    yield event
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -273,7 +279,7 @@ class DetectionService:
             self.metrics.latency.labels(task, transport).observe(elapsed)
             self._log(request_id, transport, task, status, summary, elapsed * 1000)
 
-    async def _run(self, run: _Run, summary: dict[str, object]) -> AsyncIterator[ServiceEvent]:
+    async def _run(self, run: _Run, summary: dict[str, object]) -> AsyncGenerator[ServiceEvent, None]:
         params, task, m = run.params, run.params.task.value, self.metrics
         options = params.options
         repetition_limit = self.settings.repetition_limit if options.stop_on_repetition else None
@@ -299,6 +305,8 @@ class DetectionService:
         first_detection_at: float | None = None
         stopped: FinishReason | None = None
         emitted = 0
+        # What was streamed, per engine request: the result is exactly these, in category order.
+        streamed: list[list[DetectionModel]] = [[] for _ in run.engine_requests]
 
         def stop_pump(index: int) -> None:
             pumps[index].cancel()
@@ -328,6 +336,7 @@ class DetectionService:
                         first_detection_at = now
                         m.first_detection.labels(task, run.transport).observe(now - run.arrived)
                     yield DetectionEvent(emitted, detection, (now - run.arrived) * 1000)
+                    streamed[index].append(detection)
                     emitted += 1
                     if options.max_detections is not None and emitted >= options.max_detections:
                         stopped = "max_detections"
@@ -340,7 +349,8 @@ class DetectionService:
                     stop_pump(index)
         finally:
             for p in pumps:
-                p.cancel()
+                if not p.cancelling():  # a pump already stopped is left to close its engine stream
+                    p.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             summary.update(
                 prompt_tokens=sum(t.prompt_tokens for t in trackers),
@@ -349,16 +359,19 @@ class DetectionService:
             m.generated_tokens.labels(task).inc(sum(t.completion_tokens for t in trackers))
             m.prompt_tokens.labels(task).inc(sum(t.prompt_tokens for t in trackers))
         if stopped is None:
-            for tracker in trackers:
+            for index, tracker in enumerate(trackers):
                 for detection in tracker.finish():
                     yield DetectionEvent(emitted, detection, (time.perf_counter() - run.arrived) * 1000)
+                    streamed[index].append(detection)
                     emitted += 1
-        yield DoneEvent(self._result(run, trackers, stopped, started_at, first_detection_at, summary))
+        detections = [d for per_request in streamed for d in per_request]
+        yield DoneEvent(self._result(run, trackers, detections, stopped, started_at, first_detection_at, summary))
 
     def _result(
         self,
         run: _Run,
         trackers: list[OutputTracker],
+        detections: list[DetectionModel],
         stopped: FinishReason | None,
         started_at: float | None,
         first_detection_at: float | None,
@@ -371,10 +384,6 @@ class DetectionService:
         if stopped is not None:
             finish_reason = stopped
         truncated = stopped is None and any(t.truncated for t in trackers)
-        # Category order: detections of a fanned-out request are merged as if one prompt.
-        detections = [d for t in trackers for d in t.detections]
-        if run.params.options.max_detections is not None:
-            detections = detections[: run.params.options.max_detections]
         skipped = sum(t.parser.state.skipped for t in trackers)
         duplicates = sum(t.duplicates for t in trackers)
         m.detections.labels(task).observe(len(detections))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 
 import pytest
 
+from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
 from rexomni_server.schemas import DetectParams
@@ -211,3 +213,69 @@ async def test_priority_reaches_an_engine_that_schedules_by_it_and_is_refused_el
     await service.detect(params(options={"priority": 5, "fan_out": True}), IMAGE)
     assert [r.priority for r in engine.requests[-2:]] == [5, 5]  # every fanned-out request
     assert service.in_flight == 0
+
+
+class WholeChunkEngine(ScriptedEngine):
+    """Answers each request in one chunk; requests for 'cat' answer later than the others."""
+
+    closed: list[str]
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self.requests.append(request)
+        try:
+            yield EngineEvent(started=True, prompt_tokens=10)
+            await asyncio.sleep(0.05 if "cat" in request.task_text else 0.0)
+            yield EngineEvent(text=request.forced_output or "", tokens=1)
+            await asyncio.sleep(float(self._delay))
+            yield EngineEvent(finish_reason="stop")
+        finally:
+            self.closed.append(request.request_id)
+
+
+def labelled_box(label: str, *bins: int) -> str:
+    return (
+        f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>" + "".join(f"<{b}>" for b in bins) + "<|box_end|>"
+    )
+
+
+async def whole_chunk_service(delay: float = 0.0) -> tuple[DetectionService, WholeChunkEngine]:
+    engine = WholeChunkEngine(concurrent_batching=True, token_delay_s=delay)
+    engine.closed = []
+    await engine.start()
+    return DetectionService(Settings(allow_forced_output=True), engine, "scripted"), engine
+
+
+async def test_the_result_holds_exactly_what_was_streamed_when_max_detections_stops_fan_out() -> None:
+    service, _ = await whole_chunk_service()
+    forced = (
+        f"{labelled_box('cat', 1, 2, 3, 4)}, {labelled_box('cat', 5, 6, 7, 8)}, {labelled_box('dog', 10, 20, 30, 40)}"
+    )
+    request = params(categories=["cat", "dog"], options={"forced_output": forced, "max_detections": 2, "fan_out": True})
+    events = [e async for e in service.stream(request, IMAGE)]
+    streamed = [e.detection for e in events if isinstance(e, DetectionEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.result.finish_reason == "max_detections"
+    assert [d.label for d in streamed] == ["dog", "cat"]  # the dog answered first
+    # Same detections as streamed, in category order (not the two cats of the cat answer).
+    assert done.result.detections == [streamed[1], streamed[0]]
+
+
+async def test_engine_ids_stay_unique_when_clients_reuse_a_request_id() -> None:
+    service, engine = await whole_chunk_service()
+    forced = labelled_box("cat", 1, 2, 3, 4)
+    one = params(categories=["cat"], options={"forced_output": forced})
+    results = await asyncio.gather(*(service.detect(one, IMAGE, request_id="same") for _ in range(2)))
+    assert [r.request_id for r in results] == ["same", "same"]  # the client's id is kept
+    ids = [r.request_id for r in engine.requests]
+    assert len(set(ids)) == 2 and all(i.startswith("same~") for i in ids)
+
+
+async def test_closing_a_stream_closes_its_engine_request_at_once() -> None:
+    service, engine = await whole_chunk_service(delay=5.0)  # the answer would take 5 s to finish
+    forced = labelled_box("dog", 1, 2, 3, 4)
+    events = service.stream(params(categories=["dog"], options={"forced_output": forced}), IMAGE)
+    async for event in events:
+        if isinstance(event, DetectionEvent):
+            break
+    await events.aclose()  # type: ignore[attr-defined]
+    assert len(engine.closed) == 1 and service.in_flight == 0
