@@ -369,7 +369,7 @@ class _KeypointJsonParser:
     def _instance(self, key: str, start: int, end: int) -> Detection | None:
         try:
             data = json.loads(self._buffer[start:end])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             self.result.skipped += 1
             return None
         box_bins = self._coords(data.get("bbox")) if isinstance(data, dict) else None

@@ -391,3 +391,19 @@ async def test_async_grpc_client_matches_and_cancels(live_servers: tuple[str, st
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.detect(b"nope", "detection", ["person"])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unary_disconnect_aborts_the_engine_request(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+    url, _ = live_servers
+    metrics = tiny_runtime.service.metrics
+    before = metric_value(metrics.exposition().decode(), "rexomni_requests_total", {"status": "cancelled"})
+    tokens_before = metric_value(metrics.exposition().decode(), "rexomni_generated_tokens_total")
+    async with httpx.AsyncClient(base_url=url) as client:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after half a second
+            await client.post("/v1/detect", json=body(forced_boxes(400)), timeout=httpx.Timeout(60, read=0.5))
+    await wait_idle(tiny_runtime)
+    text = metrics.exposition().decode()
+    assert tiny_runtime.service.in_flight == 0
+    assert metric_value(text, "rexomni_requests_total", {"status": "cancelled"}) == before + 1
+    # ~2800 tokens of forced output: stopped long before the end.
+    assert metric_value(text, "rexomni_generated_tokens_total") - tokens_before < 2000

@@ -104,6 +104,12 @@ def test_garbage_is_skipped_and_counted_never_raised() -> None:
     assert state.skipped >= 3
 
 
+def test_absurdly_nested_keypoint_json_is_skipped_not_raised() -> None:
+    nested = '{"person1": ' + '{"a":' * 3000 + "1" + "}" * 3000 + "}"
+    detections, state = parse_output(Task.KEYPOINT, nested, 100, 100)
+    assert detections == [] and state.skipped >= 1
+
+
 def test_keypoint_json_with_fence_and_unvisible() -> None:
     detections, state = parse_output(Task.KEYPOINT, KEYPOINT_OUTPUT, W, H)
     assert [d.label for d in detections] == ["person", "person"]
