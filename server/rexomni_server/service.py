@@ -316,7 +316,10 @@ class DetectionService:
             while active:
                 remaining = run.deadline - time.perf_counter()
                 try:
-                    index, item = await asyncio.wait_for(queue.get(), max(remaining, 0))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+                    # that arrives as queue.get() completes, and a left client's generation ran on.
+                    async with asyncio.timeout(max(remaining, 0)):
+                        index, item = await queue.get()
                 except TimeoutError as exc:
                     raise RequestTimeout(f"request exceeded {run.timeout_s:g} s") from exc
                 if item is None:

@@ -270,8 +270,10 @@ def test_saved_answers_survive_a_run_killed_mid_line() -> None:
     good = json.dumps({"id": "1", "detections": [{"type": "box", "label": "cat", "box": [0, 0, 1, 1]}]})
     failed = json.dumps({"id": "2", "error": "image not found"})
     cut = '{"id": "3", "detections": [{"type": "bo'
-    saved = saved_answers([good, failed, cut])
+    saved = saved_answers(f"{good}\n{failed}\n{cut}")
     assert list(saved) == ["1"]  # the failed and the cut-short images will be asked again
     assert saved["1"].detections[0].label == "cat"
+    # A whole record without its newline was cut too (every record is written with one).
+    assert saved_answers(f"{failed}\n{good}") == {}
     with pytest.raises(DatasetError, match="predictions line 2 cannot be read"):
-        saved_answers([good, cut, failed])  # damage before the end is not a kill: refuse
+        saved_answers(f"{good}\n{cut}\n{failed}\n")  # damage before the end is not a kill: refuse

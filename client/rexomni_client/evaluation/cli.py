@@ -132,8 +132,7 @@ def _saved(args: argparse.Namespace) -> dict[str, SavedAnswer]:
         raise DatasetError("--resume needs --predictions (the file to resume from and append to)")
     if not args.predictions.exists():
         return {}
-    with args.predictions.open(encoding="utf-8") as lines:
-        return saved_answers(lines)
+    return saved_answers(args.predictions.read_text(encoding="utf-8"))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

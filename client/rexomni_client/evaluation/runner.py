@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,21 +136,22 @@ class SavedAnswer:
     finish_reason: str
 
 
-def saved_answers(lines: Iterable[str]) -> dict[str, SavedAnswer]:
+def saved_answers(text: str) -> dict[str, SavedAnswer]:
     """The answered images of a predictions file (``--predictions``); images that failed are
-    left out so they are asked again. The last line of an image wins. A last line cut short
-    (the run was killed while writing it) is ignored: that image is asked again."""
+    left out so they are asked again. The last line of an image wins. Every record ends with a
+    newline, so text after the last newline is a record cut short by a killed run: ignored
+    (that image is asked again, and --resume drops it from the file before appending)."""
+    complete = text[: text.rfind("\n") + 1]
     saved: dict[str, SavedAnswer] = {}
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    for position, (lineno, line) in enumerate(numbered, 1):
+    for lineno, line in enumerate(complete.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
             if "detections" in record:
                 detections = [DETECTION_ADAPTER.validate_python(d) for d in record["detections"]]
                 saved[str(record["id"])] = SavedAnswer(detections, str(record.get("finish_reason", "stop")))
         except (ValueError, KeyError, TypeError) as exc:
-            if position == len(numbered) and isinstance(exc, json.JSONDecodeError):
-                break
             raise DatasetError(f"predictions line {lineno} cannot be read: {exc}") from None
     return saved
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -223,8 +222,7 @@ async def _detect_while_connected(request: Request, params: DetectParams, image:
                 return work.result()
             if await request.is_disconnected():
                 work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+                await asyncio.wait({work})  # its own CancelledError stays in it; ours would still rise
                 return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
     finally:
         if not work.done():  # this handler itself was cancelled
