@@ -25,7 +25,7 @@ from rexomni_client.bulk import detect_many
 from rexomni_client.evaluation.cli import add_evaluate_parser, run_evaluate
 from rexomni_client.grpc import AsyncRexOmniGrpcClient, RexOmniGrpcClient
 from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError, build_params
-from rexomni_server.schemas import DetectionModel, DetectResult
+from rexomni_server.schemas import DetectionModel, DetectResult, validation_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +149,7 @@ def _detect(args: argparse.Namespace) -> int:
     try:
         kwargs = _request_kwargs(args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-        print(f"error: bad request: {problems}", file=sys.stderr)
+        print(f"error: bad request: {validation_summary(exc.errors())}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as exc:
         print(f"error: bad request: {exc}", file=sys.stderr)

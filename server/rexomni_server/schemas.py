@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +20,14 @@ XYXY = Annotated[list[float], Field(min_length=4, max_length=4)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def validation_summary(errors: Iterable[Mapping[str, Any]]) -> str:
+    """``field.path: message; ...`` for pydantic (and FastAPI) validation errors, the JSON
+    body's own ``body`` prefix left out: the one wording every transport and client uses."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'request'}: {e.get('msg')}" for e in errors
+    )
 
 
 # ---- detections -----------------------------------------------------------------------------

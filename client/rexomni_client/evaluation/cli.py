@@ -79,7 +79,7 @@ def _progress(total: int, out: TextIO) -> Any:
 async def _run(
     args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any], saved: dict[str, SavedAnswer]
 ) -> EvalRun:
-    records = _open_predictions(args.predictions, args.resume) if args.predictions else None
+    records = args.predictions.open("a" if args.resume else "w", encoding="utf-8") if args.predictions else None
     tick = _progress(len(samples) - len(saved.keys() & {s.sample_id for s in samples}), sys.stderr)
 
     def on_record(record: dict[str, Any]) -> None:
@@ -112,19 +112,6 @@ async def _run(
             records.close()
 
 
-def _open_predictions(path: Path, resume: bool) -> TextIO:
-    """Fresh, or (resuming) appended to; a last line cut short by a killed run is dropped first
-    (its image is asked again), so the file stays one JSON object per line."""
-    if not resume:
-        return path.open("w", encoding="utf-8")
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    return path.open("a", encoding="utf-8")
-
-
 def _saved(args: argparse.Namespace) -> dict[str, SavedAnswer]:
     if not args.resume:
         return {}
@@ -132,7 +119,14 @@ def _saved(args: argparse.Namespace) -> dict[str, SavedAnswer]:
         raise DatasetError("--resume needs --predictions (the file to resume from and append to)")
     if not args.predictions.exists():
         return {}
-    return saved_answers(args.predictions.read_text(encoding="utf-8"))
+    text = args.predictions.read_text(encoding="utf-8")
+    saved = saved_answers(text)
+    if not text.endswith("\n") and text:
+        # A last line cut short by a killed run (its image is asked again) is dropped, so the
+        # appended records start on a line of their own.
+        with args.predictions.open("r+b") as f:
+            f.truncate(len(text[: text.rfind("\n") + 1].encode("utf-8")))
+    return saved
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -32,7 +32,14 @@ from rexomni_client.evaluation.scoring import (
     summarize,
 )
 from rexomni_client.http import DETECTION_ADAPTER, RexOmniHTTPError
-from rexomni_server.schemas import BoxDetection, DetectionModel, DetectResult, KeypointsDetection, PointDetection
+from rexomni_server.schemas import (
+    BoxDetection,
+    DetectionModel,
+    DetectResult,
+    KeypointsDetection,
+    PointDetection,
+    validation_summary,
+)
 from rexomni_server.tasks import TASKS, Geometry, Task
 
 # Tasks whose answers can be scored against boxes or regions.
@@ -269,7 +276,7 @@ async def evaluate(
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        return validation_summary(exc.errors())
     if isinstance(exc, FileNotFoundError):
         return f"image not found: {exc.filename}"
     if isinstance(exc, httpx.TimeoutException):

@@ -27,6 +27,7 @@ from rexomni_server.errors import (
     Unauthenticated,
 )
 from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import validation_summary
 from rexomni_server.service import AcceptedEvent, DetectionEvent, DoneEvent, new_request_id
 from rexomni_server.transport.convert import detection_to_pb, params_from_pb, result_to_pb
 
@@ -128,9 +129,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RexOmniError, request_i
 
 
 def _validation_message(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
-    return str(exc)
+    return validation_summary(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
 
 
 class GrpcServer:

@@ -35,6 +35,7 @@ from rexomni_server.schemas import (
     ErrorResponse,
     TaskInfo,
     TasksResponse,
+    validation_summary,
 )
 from rexomni_server.service import DetectionEvent, DoneEvent, ServiceEvent, new_request_id
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
@@ -91,9 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, (RequestValidationError, ValidationError)) else []
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'request'}: {e.get('msg')}" for e in errors
-        )
+        message = validation_summary(errors)
         _account(request, InvalidRequest.code)
         return error_response(422, "invalid_request", message or str(exc), request_id_of(request))
 
