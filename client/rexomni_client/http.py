@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
 import json
 import ssl
 import time
@@ -13,9 +15,16 @@ from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
-from rexomni_server.schemas import DetectionModel, DetectOptions, DetectParams, DetectRequest, DetectResult
+from rexomni_server.schemas import (
+    REQUEST_ID_HEADER,
+    DetectionModel,
+    DetectOptions,
+    DetectParams,
+    DetectRequest,
+    DetectResult,
+)
 
 DETECTION_ADAPTER: TypeAdapter[DetectionModel] = TypeAdapter(DetectionModel)
 
@@ -23,11 +32,17 @@ ImageInput = str | Path | bytes
 
 
 class RexOmniHTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
+    """The server refused or failed a request. ``status``: the HTTP status (for a failure
+    inside an accepted stream, the status the same failure gets as a plain response; 502 when
+    the stream broke off); ``code`` and ``message``: the server's; ``request_id``: the id the
+    server logged the request under."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (request {request_id})" if request_id else ""))
         self.status = status
         self.code = code
         self.message = message
+        self.request_id = request_id
 
 
 def image_bytes_of(image: ImageInput) -> bytes:
@@ -68,16 +83,43 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 # Statuses that mean "not now" (overloaded, still loading): worth asking again after Retry-After.
 RETRY_STATUSES = frozenset({429, 503})
+# A wait the server asks for beyond this is not waited out: the request fails at once instead.
 MAX_RETRY_WAIT_S = 30.0
+# The connection closed before any answer: typically a keep-alive connection the server had
+# just closed as idle. Detection has no side effects, so sending again is safe.
+RESENDABLE_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-def retry_delay(response: httpx.Response, attempt: int) -> float:
-    """Seconds to wait before asking again: the server's Retry-After, else exponential backoff."""
+def backoff(attempt: int) -> float:
+    return 0.5 * 2.0**attempt
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The response's Retry-After in seconds (a number of seconds or an HTTP date), if any."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
     try:
-        delay = float(response.headers["retry-after"])
-    except (KeyError, ValueError):
-        delay = 0.5 * 2**attempt
-    return min(max(delay, 0.0), MAX_RETRY_WAIT_S)
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
+
+
+def retry_wait(response: httpx.Response, attempt: int, retries: int) -> float | None:
+    """Seconds to wait before sending the request again, or None to give the response to the
+    caller: not a "not now" status, retries used up, or a longer wait asked than we wait."""
+    if response.status_code not in RETRY_STATUSES or attempt >= retries:
+        return None
+    asked = retry_after_s(response)
+    delay = backoff(attempt) if asked is None else asked
+    return delay if delay <= MAX_RETRY_WAIT_S else None
 
 
 class _HTTPClientBase:
@@ -99,32 +141,60 @@ class _HTTPClientBase:
         self._http = self._http_class(base_url=base_url, timeout=timeout, headers=auth_headers(api_key), verify=verify)
 
 
-def _raise_for_error(status: int, payload: Any, text: str) -> None:
+def _request_id(response: httpx.Response, payload: Any) -> str | None:
     try:
-        error = payload["error"]
-        raise RexOmniHTTPError(status, error["code"], error["message"])
+        rid = payload["error"]["request_id"]
     except (KeyError, TypeError):
-        raise RexOmniHTTPError(status, "http_error", text) from None
+        rid = None
+    return rid if isinstance(rid, str) else response.headers.get(REQUEST_ID_HEADER)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _result(response: httpx.Response) -> DetectResult:
+    """The response's result, or RexOmniHTTPError with the server's code, message and request id
+    (also for an answer that is not a Rex-Omni result: a proxy's page, a wrong port)."""
+    payload = _json(response)
+    rid = _request_id(response, payload)
     if response.status_code >= 400:
         try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        _raise_for_error(response.status_code, payload, response.text)
-    return DetectResult.model_validate(response.json())
+            error = payload["error"]
+            raise RexOmniHTTPError(response.status_code, str(error["code"]), str(error["message"]), rid)
+        except (KeyError, TypeError):
+            raise RexOmniHTTPError(response.status_code, "http_error", response.text[:500], rid) from None
+    try:
+        return DetectResult.model_validate(payload)
+    except ValidationError:
+        snippet = response.text[:200]
+        raise RexOmniHTTPError(
+            response.status_code, "bad_response", f"not a Rex-Omni result: {snippet!r}", rid
+        ) from None
 
 
-def _stream_event(event: str, data: str) -> DetectionModel | DetectResult:
+def _stream_event(event: str, data: str, response: httpx.Response) -> DetectionModel | DetectResult:
     payload = json.loads(data)
     if event == "detection":
         return DETECTION_ADAPTER.validate_python(payload["detection"])
     if event == "done":
         return DetectResult.model_validate(payload)
     error = payload.get("error", {})
-    raise RexOmniHTTPError(200, error.get("code", "stream_error"), error.get("message", data))
+    raise RexOmniHTTPError(
+        int(error.get("status", 500)),
+        error.get("code", "stream_error"),
+        error.get("message", data),
+        error.get("request_id") or response.headers.get(REQUEST_ID_HEADER),
+    )
+
+
+def _stream_broke(response: httpx.Response, why: str) -> RexOmniHTTPError:
+    """An accepted stream that ended without its result: the server stopped or the connection
+    dropped. The detections already yielded are complete but the answer may not be."""
+    return RexOmniHTTPError(502, "stream_incomplete", why, response.headers.get(REQUEST_ID_HEADER))
 
 
 class RexOmniClient(_HTTPClientBase):
@@ -132,35 +202,58 @@ class RexOmniClient(_HTTPClientBase):
 
     _http: httpx.Client
 
+    def _send(self, body: dict[str, Any]) -> httpx.Response:
+        for attempt in range(self._retries + 1):
+            try:
+                response = self._http.post("/v1/detect", json=body)
+            except RESENDABLE_ERRORS:
+                if attempt == self._retries:
+                    raise
+                time.sleep(backoff(attempt))
+                continue
+            wait = retry_wait(response, attempt, self._retries)
+            if wait is None:
+                return response
+            time.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        body = build_request(image, task, categories, **kw).model_dump(mode="json")
-        for attempt in range(self._retries + 1):
-            response = self._http.post("/v1/detect", json=body)
-            if response.status_code not in RETRY_STATUSES or attempt == self._retries:
-                break
-            time.sleep(retry_delay(response, attempt))
-        return _result(response)
+        return _result(self._send(build_request(image, task, categories, **kw).model_dump(mode="json")))
 
     def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> Iterator[DetectionModel | DetectResult]:
-        """Server-sent events: each detection as soon as it is decoded, then the full result."""
+        """Server-sent events: each detection as soon as it is decoded, then the full result.
+        A stream that breaks off before its result raises RexOmniHTTPError (stream_incomplete)."""
         body = build_request(image, task, categories, **kw).model_dump(mode="json")
         for attempt in range(self._retries + 1):
-            with connect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
-                response = source.response
-                if response.status_code in RETRY_STATUSES and attempt < self._retries:
-                    response.read()
-                    time.sleep(retry_delay(response, attempt))
-                    continue
-                if response.status_code >= 400:
-                    response.read()
-                    _result(response)
-                for sse in source.iter_sse():
-                    yield _stream_event(sse.event, sse.data)
-                return
+            try:
+                with connect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
+                    response = source.response
+                    if response.status_code >= 400:
+                        response.read()
+                        wait = retry_wait(response, attempt, self._retries)
+                        if wait is not None:
+                            time.sleep(wait)
+                            continue
+                        _result(response)
+                    finished = False
+                    try:
+                        for sse in source.iter_sse():
+                            item = _stream_event(sse.event, sse.data, response)
+                            finished = isinstance(item, DetectResult)
+                            yield item
+                    except httpx.TransportError as exc:
+                        raise _stream_broke(response, f"the connection broke off: {exc}") from exc
+                    if not finished:
+                        raise _stream_broke(response, "the server ended the stream before its result")
+                    return
+            except RESENDABLE_ERRORS:  # before any response: safe to send again
+                if attempt == self._retries:
+                    raise
+                time.sleep(backoff(attempt))
 
     def close(self) -> None:
         self._http.close()
@@ -176,37 +269,60 @@ class AsyncRexOmniClient(_HTTPClientBase):
     _http_class = httpx.AsyncClient
     _http: httpx.AsyncClient
 
+    async def _send(self, body: dict[str, Any]) -> httpx.Response:
+        for attempt in range(self._retries + 1):
+            try:
+                response = await self._http.post("/v1/detect", json=body)
+            except RESENDABLE_ERRORS:
+                if attempt == self._retries:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                continue
+            wait = retry_wait(response, attempt, self._retries)
+            if wait is None:
+                return response
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def detect(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> DetectResult:
-        body = build_request(image, task, categories, **kw).model_dump(mode="json")
-        for attempt in range(self._retries + 1):
-            response = await self._http.post("/v1/detect", json=body)
-            if response.status_code not in RETRY_STATUSES or attempt == self._retries:
-                break
-            await asyncio.sleep(retry_delay(response, attempt))
-        return _result(response)
+        return _result(await self._send(build_request(image, task, categories, **kw).model_dump(mode="json")))
 
     async def detect_stream(
         self, image: ImageInput, task: str = "detection", categories: Sequence[str] | str = (), **kw: Any
     ) -> AsyncIterator[DetectionModel | DetectResult]:
         """Server-sent events: each detection as soon as it is decoded, then the full result.
+        A stream that breaks off before its result raises RexOmniHTTPError (stream_incomplete).
         Closing the stream early (``async with contextlib.aclosing(...)``, then ``break``)
         closes the connection, and the server stops generating."""
         body = build_request(image, task, categories, **kw).model_dump(mode="json")
         for attempt in range(self._retries + 1):
-            async with aconnect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
-                response = source.response
-                if response.status_code in RETRY_STATUSES and attempt < self._retries:
-                    await response.aread()
-                    await asyncio.sleep(retry_delay(response, attempt))
-                    continue
-                if response.status_code >= 400:
-                    await response.aread()
-                    _result(response)
-                async for sse in source.aiter_sse():
-                    yield _stream_event(sse.event, sse.data)
-                return
+            try:
+                async with aconnect_sse(self._http, "POST", "/v1/detect/stream", json=body) as source:
+                    response = source.response
+                    if response.status_code >= 400:
+                        await response.aread()
+                        wait = retry_wait(response, attempt, self._retries)
+                        if wait is not None:
+                            await asyncio.sleep(wait)
+                            continue
+                        _result(response)
+                    finished = False
+                    try:
+                        async for sse in source.aiter_sse():
+                            item = _stream_event(sse.event, sse.data, response)
+                            finished = isinstance(item, DetectResult)
+                            yield item
+                    except httpx.TransportError as exc:
+                        raise _stream_broke(response, f"the connection broke off: {exc}") from exc
+                    if not finished:
+                        raise _stream_broke(response, "the server ended the stream before its result")
+                    return
+            except RESENDABLE_ERRORS:  # before any response: safe to send again
+                if attempt == self._retries:
+                    raise
+                await asyncio.sleep(backoff(attempt))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -13,11 +13,11 @@ from rexomni_server import __version__
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER, ApiKeys
 from rexomni_server.errors import ImageTooLarge, Unauthenticated
 from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import REQUEST_ID_HEADER
 from rexomni_server.service import new_request_id
 from rexomni_server.settings import Settings
 from rexomni_server.transport.http import (
     DETECT_PATHS,
-    REQUEST_ID_HEADER,
     build_router,
     error_response,
     http_status,

@@ -46,6 +46,8 @@ def decode_base64_image(text: str) -> bytes:
         header, sep, payload = payload.partition(",")
         if not sep or ";base64" not in header:
             raise InvalidImage("data URI must be base64-encoded (data:image/...;base64,...)")
+    # Line-wrapped base64 (GNU `base64` without -w0, base64.encodebytes) is still base64.
+    payload = "".join(payload.split())
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -59,6 +59,7 @@ class ParseState:
     finished: bool = False  # the end marker (or the closing brace of keypoint JSON) was seen
 
 
+MAX_BIN_DIGITS = 4  # longer digit runs between < > are never a coordinate bin
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 _COORD = re.compile(r"<(\d{1,4})>")
 # A buffer tail that may still grow into a special or coordinate token.
@@ -361,7 +362,11 @@ class _KeypointJsonParser:
     def _coords(self, text: object) -> list[int] | None:
         if not isinstance(text, str):
             return None
-        values = [int(v) for v in _COORD_ANYWHERE.findall(text)]
+        digits = _COORD_ANYWHERE.findall(text)
+        # A runaway digit string is garbage like any other (and int() refuses 4300+ digits).
+        if any(len(d) > MAX_BIN_DIGITS for d in digits):
+            return None
+        values = [int(d) for d in digits]
         if any(v > MAX_BIN for v in values):
             return None
         return values

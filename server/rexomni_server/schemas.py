@@ -13,6 +13,8 @@ from rexomni_server.tasks import KEYPOINT_SETS, Task
 MAX_CATEGORIES = 64
 MAX_CATEGORY_CHARS = 256
 MAX_VISUAL_PROMPT_BOXES = 64
+# Every HTTP response carries the request's id in this header (the client's own, if it sent one).
+REQUEST_ID_HEADER = "X-Request-ID"
 
 XY = Annotated[list[float], Field(min_length=2, max_length=2)]
 XYXY = Annotated[list[float], Field(min_length=4, max_length=4)]

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
-from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout, RexOmniError
+from rexomni_server.errors import (
+    EngineFailure,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    RexOmniError,
+)
 from rexomni_server.images import FACTOR, ImageLimits, load_and_prepare
 from rexomni_server.metrics import Metrics
 from rexomni_server.prompts import build_task_text, task_text_for
@@ -266,9 +273,16 @@ class DetectionService:
             status = exc.code
             exc.accounted = True
             raise
-        except Exception:
+        except Exception as exc:
+            # A bug of ours, or an engine failing in a way it does not report itself: the
+            # client still gets a typed error with its request id, and the traceback is logged.
             status = "internal"
-            raise
+            log.exception("request failed", extra={"fields": {"request_id": request_id}})
+            failure = EngineFailure(
+                f"internal error ({type(exc).__name__}); see the server log for request {request_id}"
+            )
+            failure.accounted = True
+            raise failure from exc
         finally:
             if queued[0]:
                 self.metrics.queue_depth.dec()

@@ -114,6 +114,7 @@ async def test_sse_error_event_after_acceptance(live_servers: tuple[str, str], t
             async with client.stream("POST", "/v1/detect/stream", json=body(forced_boxes(400))) as response:
                 events = [(kind, data) async for kind, data, _ in sse_events(response)]
     assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "timeout"
+    assert events[-1][1]["error"]["status"] == 504  # what a unary request gets for the same failure
 
 
 async def wait_idle(runtime: Runtime, timeout: float = 10) -> None:
@@ -223,6 +224,31 @@ async def test_grpc_bad_input_codes(
                     await call
             assert err.value.code() == code and err.value.details()
         assert len((await stub.Detect(grpc_request(forced_boxes(1)))).detections) == 1  # still serving
+
+
+async def test_grpc_refusals_that_happen_before_our_code_are_invalid_argument(
+    live_servers: tuple[str, str], tiny_runtime: Runtime
+) -> None:
+    """Bad UTF-8 in a string field (protobuf refuses to parse it), and an image over the limit
+    (gRPC's own size check would say RESOURCE_EXHAUSTED, which clients retry as "queue full")."""
+    _, target = live_servers
+    not_utf8 = pb.DetectRequest(image=PNG).SerializeToString() + bytes([3 << 3 | 2, 2, 0xFF, 0xFE])
+    too_large = pb.DetectRequest(image=b"\0" * (tiny_runtime.settings.max_image_bytes + 1), categories=["person"])
+    async with grpc.aio.insecure_channel(target) as channel:
+        raw = channel.unary_unary("/rexomni.v1.Detector/Detect", response_deserializer=pb.DetectResponse.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(not_utf8)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be parsed" in (
+            err.value.details() or ""
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.DetectorStub(channel).Detect(too_large)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.DetectorStub(channel).Detect(
+                pb.DetectRequest(image=PNG, categories=["person"], options=pb.DetectOptions(max_new_tokens=0))
+            )
+        assert (err.value.details() or "").startswith("options.max_new_tokens:")  # worded as over HTTP
 
 
 async def test_grpc_overloaded_is_resource_exhausted(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:

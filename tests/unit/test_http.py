@@ -165,3 +165,64 @@ async def test_oversized_bodies_are_refused_before_being_read(client: httpx.Asyn
     assert r.status_code == 413
     ok = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("options", '{"max_new_tokens": ' + "9" * 5000 + "}"),  # int() refuses 4300+ digits
+        ("options", "[" * 100_000),  # deeper than the JSON decoder recurses
+        ("visual_prompt_boxes", "[" * 100_000),
+    ],
+)
+async def test_multipart_json_fields_the_decoder_chokes_on_are_422s(
+    client: httpx.AsyncClient, field: str, value: str
+) -> None:
+    r = await client.post("/detect", files={"image": ("x.png", PNG)}, data={"categories": "cat", field: value})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request" and field in r.json()["error"]["message"]
+    assert r.headers["x-request-id"] == r.json()["error"]["request_id"]
+
+
+async def test_multipart_refuses_unknown_and_repeated_fields_like_json_does(client: httpx.AsyncClient) -> None:
+    misspelt = await client.post(
+        "/detect", files={"image": ("x.png", PNG)}, data={"categories": "cat", "option": '{"max_new_tokens": 3}'}
+    )
+    assert misspelt.status_code == 422 and "'option'" in misspelt.json()["error"]["message"]
+    twice = await client.post(
+        "/detect", files=[("image", ("x.png", PNG)), ("categories", (None, "cat")), ("categories", (None, "dog"))]
+    )
+    assert twice.status_code == 422 and "'categories'" in twice.json()["error"]["message"]
+    ok = await client.post("/detect", files={"image": ("x.png", PNG)}, data={"categories": "cat"})
+    assert ok.status_code == 200, ok.text
+
+
+async def test_framework_refusals_use_the_documented_error_body(client: httpx.AsyncClient) -> None:
+    bad_utf8 = b'{"image": "\xff\xfe"}'
+    cases = [
+        (await client.get("/nowhere"), 404, "not_found"),
+        (await client.get("/v1/detect"), 405, "method_not_allowed"),
+        (await client.post("/detect", content=b"x", headers={"content-type": "multipart/form-data"}), 400, None),
+        (await client.post("/v1/detect", content=bad_utf8, headers={"content-type": "application/json"}), 400, None),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["request_id"] == response.headers["x-request-id"]
+        assert error["code"] == (code or "invalid_request")
+    assert cases[1][0].headers["allow"] == "POST"
+    # Refused detect requests are counted like those our own validation refuses (not /nowhere).
+    counted = [
+        line for line in (await client.get("/metrics")).text.splitlines() if line.startswith("rexomni_requests_total{")
+    ]
+    assert sorted(counted) == [
+        'rexomni_requests_total{status="invalid_request",task="unknown",transport="http"} 2.0',
+        'rexomni_requests_total{status="method_not_allowed",task="unknown",transport="http"} 1.0',
+    ]
+
+
+async def test_line_wrapped_base64_is_accepted(client: httpx.AsyncClient) -> None:
+    wrapped = base64.encodebytes(PNG).decode()  # a newline every 76 characters
+    assert "\n" in wrapped.strip()
+    r = await client.post("/v1/detect", json={"image": wrapped, "categories": ["cat"]})
+    assert r.status_code == 200, r.text

@@ -110,6 +110,18 @@ def test_absurdly_nested_keypoint_json_is_skipped_not_raised() -> None:
     assert detections == [] and state.skipped >= 1
 
 
+def test_runaway_digit_strings_in_keypoint_json_are_skipped_not_raised() -> None:
+    # int() refuses 4300+ digits; a model stuck on one digit per token can write that many.
+    runaway = "<" + "7" * 5000 + ">"
+    text = (
+        '{"person1": {"bbox": " ' + runaway + ' <2> <3> <4> ", "keypoints": {"nose": " <5> <6> "}}, '
+        '"person2": {"bbox": " <1> <2> <3> <4> ", "keypoints": {"nose": " ' + runaway + ' <6> "}}}'
+    )
+    detections, state = parse_output(Task.KEYPOINT, text, 100, 100)
+    assert state.skipped >= 1 and [d.label for d in detections] == ["person"]
+    assert detections[0].keypoints == {"nose": None}  # an unreadable keypoint is left unplaced
+
+
 def test_keypoint_json_with_fence_and_unvisible() -> None:
     detections, state = parse_output(Task.KEYPOINT, KEYPOINT_OUTPUT, W, H)
     assert [d.label for d in detections] == ["person", "person"]

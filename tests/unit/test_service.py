@@ -10,7 +10,7 @@ import pytest
 
 from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.engines.scripted import ScriptedEngine
-from rexomni_server.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
+from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
 from rexomni_server.schemas import DetectParams
 from rexomni_server.service import AcceptedEvent, DetectionEvent, DetectionService, DoneEvent, ServiceEvent
 from rexomni_server.settings import Settings
@@ -279,3 +279,23 @@ async def test_closing_a_stream_closes_its_engine_request_at_once() -> None:
             break
     await events.aclose()  # type: ignore[attr-defined]
     assert len(engine.closed) == 1 and service.in_flight == 0
+
+
+class BrokenEngine(ScriptedEngine):
+    """Fails the way a bug would: a plain exception in the middle of a generation."""
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        yield EngineEvent(started=True, prompt_tokens=10)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+async def test_an_unexpected_failure_is_a_typed_error_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    engine = BrokenEngine()
+    await engine.start()
+    service = DetectionService(Settings(), engine, "scripted")
+    with pytest.raises(EngineFailure) as failure:
+        await service.detect(params(), IMAGE, request_id="req-42")
+    assert failure.value.accounted and "req-42" in failure.value.message
+    assert isinstance(failure.value.__cause__, RuntimeError)
+    assert any(r.exc_info and "req-42" in str(getattr(r, "fields", "")) for r in caplog.records)  # traceback logged
+    assert service.in_flight == 0

@@ -9,7 +9,6 @@ from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server.schemas import (
     BoxDetection,
     DetectionModel,
-    DetectOptions,
     DetectParams,
     DetectResult,
     ImageInfo,
@@ -71,7 +70,8 @@ def params_to_pb(params: DetectParams, image: bytes) -> Any:
 def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
     """Raises pydantic.ValidationError / ValueError on bad input (mapped to INVALID_ARGUMENT)."""
     o = request.options
-    options = DetectOptions(
+    # Validated as part of DetectParams, so errors read "options.x: ..." as they do over HTTP.
+    options = dict(
         max_new_tokens=o.max_new_tokens if o.HasField("max_new_tokens") else None,
         min_pixels=o.min_pixels if o.HasField("min_pixels") else None,
         max_pixels=o.max_pixels if o.HasField("max_pixels") else None,

@@ -7,15 +7,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
-from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
+from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc  # the servicer base class
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from rexomni_server.errors import (
     EngineFailure,
@@ -37,6 +39,44 @@ REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = "rexomni.v1.Detector"
 # Headroom over the largest accepted image for the rest of the request message.
 MESSAGE_OVERHEAD_BYTES = 1 << 20
+# gRPC itself refuses a larger message with RESOURCE_EXHAUSTED, which clients take for "queue
+# full" and retry. So it accepts twice the image limit, and an image over the limit gets our
+# INVALID_ARGUMENT (image_too_large), which nobody retries.
+RECEIVE_LIMIT_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """A request message protobuf cannot parse (e.g. a string field that is not UTF-8). Handed
+    to the servicer, which answers INVALID_ARGUMENT and counts it like any bad input, where
+    gRPC would otherwise answer UNKNOWN."""
+
+    reason: str
+
+
+def parse_request(data: bytes) -> Any:
+    try:
+        return pb.DetectRequest.FromString(data)
+    except DecodeError as exc:
+        return UndecodableRequest(str(exc))
+
+
+def add_detector_servicer(servicer: DetectorServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with requests parsed by ``parse_request``."""
+    handlers = {
+        "Detect": grpc.unary_unary_rpc_method_handler(
+            servicer.Detect, request_deserializer=parse_request, response_serializer=pb.DetectResponse.SerializeToString
+        ),
+        "DetectStream": grpc.unary_stream_rpc_method_handler(
+            servicer.DetectStream,
+            request_deserializer=parse_request,
+            response_serializer=pb.DetectEvent.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 MAX_SEND_BYTES = 64 << 20
 
 # The gRPC error table: most specific class first (looked up along the exception's MRO).
@@ -70,6 +110,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
             self._runtime.service.record_rejected(request_id, "unknown", "grpc", exc.code)
             await _abort(context, exc, request_id)
         try:
+            if isinstance(request, UndecodableRequest):
+                raise ValueError(f"the request message cannot be parsed: {request.reason}")
             params, image = params_from_pb(request)
         except (ValidationError, ValueError) as exc:
             self._runtime.service.record_rejected(request_id, "unknown", "grpc", InvalidRequest.code)
@@ -137,14 +179,14 @@ class GrpcServer:
 
     def __init__(self, runtime: Runtime, host: str, port: int) -> None:
         self._runtime = runtime
-        max_receive = runtime.settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES
+        max_receive = RECEIVE_LIMIT_FACTOR * runtime.settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ]
         )
-        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(runtime), self.server)  # type: ignore[no-untyped-call]
+        add_detector_servicer(DetectorServicer(runtime), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (

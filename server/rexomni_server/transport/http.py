@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rexomni_server.errors import (
     EngineFailure,
@@ -29,6 +30,7 @@ from rexomni_server.errors import (
 from rexomni_server.images import decode_base64_image
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import (
+    REQUEST_ID_HEADER,
     DetectParams,
     DetectRequest,
     DetectResult,
@@ -40,11 +42,12 @@ from rexomni_server.schemas import (
 from rexomni_server.service import DetectionEvent, DoneEvent, ServiceEvent, new_request_id
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
 
-REQUEST_ID_HEADER = "X-Request-ID"
 DETECT_PATHS = frozenset({"/detect", "/v1/detect", "/detect/stream", "/v1/detect/stream"})
 SSE_PING_S = 15
 DISCONNECT_POLL_S = 0.25  # how soon a unary request notices its client has gone
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: the client closed the connection first
+# Error codes for the refusals the web framework makes before our handlers run.
+FRAMEWORK_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 # The HTTP error table: most specific class first (looked up along the exception's MRO).
 HTTP_STATUS: dict[type[RexOmniError], int] = {
@@ -96,7 +99,18 @@ def install_error_handlers(app: FastAPI) -> None:
         _account(request, InvalidRequest.code)
         return error_response(422, "invalid_request", message or str(exc), request_id_of(request))
 
+    async def framework_error(request: Request, exc: Exception) -> JSONResponse:
+        # Refusals Starlette makes itself (unknown path, wrong method, a body it cannot
+        # parse) in the same error body as ours, and counted like them.
+        assert isinstance(exc, StarletteHTTPException)
+        code = FRAMEWORK_ERROR_CODES.get(exc.status_code, "http_error")
+        _account(request, code)
+        response = error_response(exc.status_code, code, str(exc.detail), request_id_of(request))
+        response.headers.update(exc.headers or {})
+        return response
+
     app.add_exception_handler(RexOmniError, domain_error)
+    app.add_exception_handler(StarletteHTTPException, framework_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
 
@@ -119,6 +133,10 @@ def _json_field(name: str, raw: str | None) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"form field {name!r} is not valid JSON: {exc.msg}") from exc
+    except RecursionError:
+        raise InvalidRequest(f"form field {name!r} is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise InvalidRequest(f"form field {name!r} cannot be read: {exc}") from None
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -128,6 +146,9 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "event: detection | done | error"},
     **ERROR_RESPONSES,
 }
+
+
+MULTIPART_FIELDS = frozenset({"image", "task", "categories", "keypoint_type", "visual_prompt_boxes", "options"})
 
 
 class MultipartForm:
@@ -148,7 +169,17 @@ class MultipartForm:
             self.fields["keypoint_type"] = keypoint_type
         self._raw_json = {"visual_prompt_boxes": visual_prompt_boxes, "options": options}
 
-    async def parse(self, max_bytes: int) -> tuple[DetectParams, bytes]:
+    async def parse(self, request: Request, max_bytes: int) -> tuple[DetectParams, bytes]:
+        # Like the JSON body (extra fields forbidden): a misspelt field is an error, not
+        # silently a default, and a field sent twice is not decided by which came last.
+        form = await request.form()  # already parsed for the fields above: cached
+        unknown = sorted(set(form.keys()) - MULTIPART_FIELDS)
+        if unknown:
+            expected = ", ".join(sorted(MULTIPART_FIELDS))
+            raise InvalidRequest(f"unknown form field(s) {', '.join(map(repr, unknown))}; the fields are {expected}")
+        repeated = sorted(k for k in set(form.keys()) if len(form.getlist(k)) > 1)
+        if repeated:
+            raise InvalidRequest(f"form field(s) {', '.join(map(repr, repeated))} given more than once")
         data = await self.image.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ImageTooLarge(f"image is larger than the limit of {max_bytes} bytes")
@@ -190,7 +221,8 @@ async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSou
                 if frame is not None:
                     yield frame
         except RexOmniError as exc:
-            body = {"error": {"code": exc.code, "message": exc.message, "request_id": rid}}
+            # `status`: what the same failure answers as a plain response (e.g. 504 timeout).
+            body = {"error": {"code": exc.code, "message": exc.message, "request_id": rid, "status": http_status(exc)}}
             yield ServerSentEvent(data=json.dumps(body), event="error")
         finally:
             # A client that disconnects cancels this generator: closing the service stream
@@ -239,7 +271,7 @@ def build_router() -> APIRouter:
     @router.post("/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
     async def detect_multipart(request: Request, form: Annotated[MultipartForm, Depends()]) -> DetectResult | Response:
         """Detect with a multipart upload (``curl -F image=@photo.jpg -F categories=person,car``)."""
-        params, data = await form.parse(_runtime(request).settings.max_image_bytes)
+        params, data = await form.parse(request, _runtime(request).settings.max_image_bytes)
         return await _detect_while_connected(request, params, data)
 
     @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
@@ -253,7 +285,7 @@ def build_router() -> APIRouter:
         request: Request, form: Annotated[MultipartForm, Depends()]
     ) -> EventSourceResponse:
         """Server-sent events for a multipart upload (same fields as /detect)."""
-        params, data = await form.parse(_runtime(request).settings.max_image_bytes)
+        params, data = await form.parse(request, _runtime(request).settings.max_image_bytes)
         return await _sse(request, params, data)
 
     @router.get("/metrics", tags=["ops"], response_class=Response)
