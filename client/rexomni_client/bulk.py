@@ -15,9 +15,15 @@ from rexomni_client.http import ImageInput, RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
 
 # What one image may fail with without stopping the others: refused by the server, a call
-# error, a timeout, an unreadable file. An HTTP server that cannot be reached at all raises
-# (httpx.ConnectError); over gRPC every image then fails with UNAVAILABLE instead.
-IMAGE_ERRORS = (RexOmniHTTPError, grpc.aio.AioRpcError, httpx.TimeoutException, OSError)
+# error, a timeout, a dropped connection, an unreadable file.
+IMAGE_ERRORS = (RexOmniHTTPError, grpc.aio.AioRpcError, httpx.TransportError, OSError)
+# Except these, which no image gets past: the run stops at once instead of failing every image
+# alike. (Over gRPC an unreachable server fails each image with UNAVAILABLE instead.)
+UNREACHABLE_ERRORS = (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError)
+
+
+def fails_one_image(exc: BaseException) -> bool:
+    return isinstance(exc, IMAGE_ERRORS) and not isinstance(exc, UNREACHABLE_ERRORS)
 
 
 class AsyncDetector(Protocol):
@@ -44,6 +50,8 @@ async def detect_many(
                 data = await asyncio.to_thread(Path(image).read_bytes) if not isinstance(image, bytes) else image
                 return index, await client.detect(data, task, categories, **kw)
             except IMAGE_ERRORS as exc:
+                if not fails_one_image(exc):
+                    raise
                 return index, exc
 
     tasks = [asyncio.create_task(one(i, image)) for i, image in enumerate(images)]

@@ -21,7 +21,8 @@ import grpc
 import httpx
 from pydantic import ValidationError
 
-from rexomni_client.bulk import detect_many
+from rexomni_client.bulk import UNREACHABLE_ERRORS, detect_many
+from rexomni_client.draw import annotate, annotation_problem
 from rexomni_client.evaluation.cli import add_evaluate_parser, run_evaluate
 from rexomni_client.grpc import AsyncRexOmniGrpcClient, RexOmniGrpcClient
 from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError, build_params
@@ -123,7 +124,7 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["return_raw_output"] = True
     if args.keypoint_type:
         kwargs["keypoint_type"] = args.keypoint_type
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.visual_prompt_boxes:
         kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
@@ -140,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_evaluate(args)
     try:
         return _detect(args)
-    except httpx.TransportError as exc:  # no server there, or the connection broke
+    except UNREACHABLE_ERRORS as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:  # reached, but the connection failed
+        print(f"error: the connection to {args.url} failed: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 
@@ -159,6 +163,11 @@ def _detect(args: argparse.Namespace) -> int:
             print("error: --stream and --annotate take one image", file=sys.stderr)
             return 2
         return asyncio.run(_detect_many(args, kwargs))
+    if args.annotate:
+        problem = annotation_problem(args.annotate)
+        if problem:  # found before the request, not after it
+            print(f"error: --annotate {args.annotate}: {problem}", file=sys.stderr)
+            return 2
     result: DetectResult | None = None
     try:
         for item in _events(args, kwargs):
@@ -169,13 +178,16 @@ def _detect(args: argparse.Namespace) -> int:
     except (RexOmniHTTPError, grpc.RpcError, OSError) as exc:
         print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
-    if result is None:
+    if result is None:  # the clients raise instead; kept so a silent failure is still said
+        print("error: no result came back", file=sys.stderr)
         return 1
     print(result.model_dump_json(indent=None if args.stream else 2))
     if args.annotate:
-        from rexomni_client.draw import annotate
-
-        annotate(args.images[0], result, args.annotate)
+        try:
+            annotate(args.images[0], result, args.annotate)
+        except (OSError, ValueError) as exc:
+            print(f"error: --annotate {args.annotate}: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -37,3 +37,14 @@ def annotate(image_path: str | Path, result: DetectResult, out_path: str | Path)
         elif isinstance(det, PolygonDetection):
             draw.polygon([tuple(p) for p in det.polygon], outline=colour, width=radius)
     image.save(out_path)
+
+
+def annotation_problem(out_path: str | Path) -> str | None:
+    """Why the annotated image could not be written there, or None: checked before the request."""
+    path = Path(out_path)
+    Image.init()  # registers every format's extensions
+    if path.suffix.lower() not in Image.registered_extensions():
+        return "the file name needs an image extension such as .jpg or .png"
+    if not path.parent.is_dir():
+        return f"no such folder: {path.parent}"
+    return None

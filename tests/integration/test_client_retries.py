@@ -5,6 +5,8 @@ retries=0. Real uvicorn and grpc.aio servers whose queue holds one request."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +14,7 @@ import httpx
 import pytest
 
 from rexomni_client import AsyncRexOmniClient, AsyncRexOmniGrpcClient, RexOmniClient, RexOmniHTTPError
-from rexomni_client.http import MAX_RETRY_WAIT_S, retry_delay
+from rexomni_client.http import MAX_RETRY_WAIT_S, retry_wait
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectResult
@@ -37,14 +39,18 @@ async def one_slot() -> AsyncIterator[tuple[str, str]]:
     await runtime.stop()
 
 
-def test_retry_delay_follows_retry_after_within_bounds() -> None:
-    def response(headers: dict[str, str]) -> httpx.Response:
-        return httpx.Response(429, headers=headers)
+def test_retry_wait_follows_retry_after_and_gives_up_on_longer_waits() -> None:
+    def response(headers: dict[str, str], status: int = 429) -> httpx.Response:
+        return httpx.Response(status, headers=headers)
 
-    assert retry_delay(response({"Retry-After": "2"}), 0) == 2.0
-    assert retry_delay(response({"Retry-After": "9999"}), 0) == MAX_RETRY_WAIT_S
-    assert retry_delay(response({}), 0) == 0.5 and retry_delay(response({}), 2) == 2.0
-    assert retry_delay(response({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), 1) == 1.0  # a date: backoff
+    assert retry_wait(response({"Retry-After": "2"}), 0, 2) == 2.0
+    assert retry_wait(response({}), 0, 2) == 0.5 and retry_wait(response({}), 2, 3) == 2.0  # backoff
+    in_4s = email.utils.format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=4), True)
+    assert 2.5 < (retry_wait(response({"Retry-After": in_4s}), 0, 2) or 0) <= 4.0  # an HTTP date
+    assert retry_wait(response({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), 0, 2) == 0.0  # already past
+    assert retry_wait(response({"Retry-After": str(MAX_RETRY_WAIT_S + 1)}), 0, 2) is None  # fail now, not later
+    assert retry_wait(response({"Retry-After": "1"}), 2, 2) is None  # retries used up
+    assert retry_wait(response({"Retry-After": "1"}, 500), 0, 2) is None  # not a "not now" status
 
 
 async def test_async_client_waits_out_a_full_queue(one_slot: tuple[str, str]) -> None:

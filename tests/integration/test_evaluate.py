@@ -49,7 +49,7 @@ async def test_cli_scores_a_live_server(
     data, report, predictions = dataset(tmp_path), tmp_path / "report.json", tmp_path / "pred.jsonl"
     args = ["--url", url, "evaluate", str(data), "--concurrency", "2", "--report", str(report)]
     args += ["--predictions", str(predictions), "--options", json.dumps({"forced_output": FORCED}), "--per-category"]
-    assert await asyncio.to_thread(main, args) == 0
+    assert await asyncio.to_thread(main, args) == 1  # an image failed: the run is not whole
 
     metrics = json.loads(report.read_text())
     assert metrics["scored"] == 2 and metrics["samples"] == 3
@@ -136,7 +136,7 @@ async def test_cli_resume_asks_only_what_is_missing(
     data, predictions, report = dataset(tmp_path), tmp_path / "pred.jsonl", tmp_path / "report.json"
     args = ["--url", url, "evaluate", str(data), "--predictions", str(predictions), "--report", str(report)]
     args += ["--options", json.dumps({"forced_output": FORCED})]
-    assert await asyncio.to_thread(main, args) == 0  # the third image is missing: it fails
+    assert await asyncio.to_thread(main, args) == 1  # the third image is missing: it fails
     first = json.loads(report.read_text())
     (tmp_path / "missing.png").write_bytes(image_bytes(W, H, "PNG"))  # now it is there
     with predictions.open("a") as f:  # a run killed while writing a line
@@ -165,7 +165,7 @@ async def test_an_image_the_schema_refuses_fails_alone(live_servers: tuple[str, 
     (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     report = tmp_path / "r.json"
     args = ["--url", url, "evaluate", str(tmp_path / "x.jsonl"), "--report", str(report)]
-    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 0
+    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 1
     written = json.loads(report.read_text())
     assert written["scored"] == 1 and "needs at least one category" in written["failed"]["2"]
 
@@ -181,6 +181,13 @@ async def test_cli_rejects_bad_options_and_files_before_any_request(
     assert "No such file" in capsys.readouterr().err
     assert await asyncio.to_thread(main, [*unreachable, str(data)]) == 1
     assert "server unreachable" in capsys.readouterr().err
+    # A task the dataset cannot be scored for is refused before --predictions is opened.
+    predictions = tmp_path / "kept.jsonl"
+    predictions.write_text('{"id": "1", "detections": []}\n')
+    keypoint = [*unreachable, str(data), "--task", "keypoint", "--predictions", str(predictions)]
+    assert await asyncio.to_thread(main, keypoint) == 2
+    assert "without keypoints" in capsys.readouterr().err
+    assert predictions.read_text() == '{"id": "1", "detections": []}\n'  # not emptied
 
 
 def result(detections: list[dict[str, object]], finish_reason: str = "stop") -> DetectResult:

@@ -14,6 +14,7 @@ from rexomni_client.evaluation.scoring import (
     IOU_THRESHOLDS,
     POINT_KEY,
     MaskShape,
+    Metric,
     PolygonShape,
     Prediction,
     SampleScore,
@@ -22,6 +23,7 @@ from rexomni_client.evaluation.scoring import (
     match_boxes,
     oks,
     score_boxes,
+    score_gui,
     score_keypoints,
     score_points,
     summarize,
@@ -88,6 +90,33 @@ def test_crowd_regions_neither_count_nor_punish() -> None:
     assert score.truths == 1
     assert score.predictions["0.50"] == 2
     assert score.precision_recall("0.50") == (0.5, 1.0)
+
+
+def test_an_image_with_only_crowd_regions_is_left_out_unless_the_model_errs_outside_them() -> None:
+    crowd_only = [Truth("person", box=(0, 0, 100, 100), crowd=True)]
+    missed = score_boxes([Truth("person", box=(0, 0, 10, 10))], [])
+    excused = score_boxes(crowd_only, [Prediction("person", box=(10, 10, 50, 50))])
+    assert excused.precision_recall("0.50") is None
+    # The model found nothing real: the crowd-only image must not lift it to F1 0.5.
+    summary = summarize([excused, missed])
+    assert summary.by_key["0.50"] == Metric(0.0, 0.0, 0.0)
+    stray = score_boxes(crowd_only, [Prediction("person", box=(300, 300, 310, 310))])
+    assert stray.precision_recall("0.50") == (0.0, 0.0)  # a false positive still counts
+    points = score_points(crowd_only, [Prediction("person", point=(5, 5))])
+    assert points.precision_recall(POINT_KEY) is None
+    assert score_boxes([], []).precision_recall("0.50") == (1.0, 1.0)  # nothing there, nothing said
+
+
+def test_gui_answers_are_hits_of_a_point_or_box_centre_in_the_element() -> None:
+    button = [Truth("the search button", box=(100, 100, 200, 140))]
+    # IoU with the element is only ~0.4, but its centre (150, 120) is inside: a hit.
+    wide = score_gui(button, [Prediction("search", box=(80, 90, 220, 150))])
+    assert wide.precision_recall(POINT_KEY) == (1.0, 1.0)
+    # Any one of several answers landing in the element is a hit; precision is that hit too.
+    several = score_gui(button, [Prediction("a", point=(5, 5)), Prediction("b", point=(150, 101))])
+    assert several.precision_recall(POINT_KEY) == (1.0, 1.0)
+    assert score_gui(button, [Prediction("a", point=(5, 5))]).precision_recall(POINT_KEY) == (0.0, 0.0)
+    assert score_gui(button, []).precision_recall(POINT_KEY) == (0.0, 0.0)
 
 
 def test_points_match_inside_the_object_once() -> None:

@@ -4,6 +4,9 @@ rexomni evaluate instances_val2017.json --images val2017 --concurrency 32 --repo
 rexomni evaluate RefCOCOg_val.jsonl --images Rex-Omni-Eval --limit 500
 rexomni evaluate COCO_point.jsonl --images Rex-Omni-Eval --task pointing
 rexomni evaluate FSCD_test.jsonl --images Rex-Omni-Eval --task visual_prompting
+
+Exit status: 0 when every image was scored; 1 when some failed (the table and --report still
+cover the rest) or the server could not be reached; 2 for bad arguments or data.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from rexomni_client.evaluation.runner import (
     Query,
     SavedAnswer,
     ServerUnreachable,
+    check_task,
     evaluate,
     saved_answers,
 )
@@ -151,6 +155,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("error: the dataset has no images to evaluate", file=sys.stderr)
         return 2
     try:
+        check_task(args.task, samples)  # before --predictions is opened (and emptied)
         run = asyncio.run(_run(args, samples, options, saved))
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -164,4 +169,4 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         report = report_dict(run, str(args.annotations), per_category=args.per_category)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if run.summary.samples else 1
+    return 0 if run.summary.samples and not run.failed else 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rexomni_client.evaluation.runner import EvalRun
+from rexomni_client.evaluation.runner import GUI_TASKS, EvalRun
 from rexomni_client.evaluation.scoring import IOU_THRESHOLDS, POINT_KEY, Metric, iou_key
 from rexomni_server.tasks import Task
 
@@ -32,6 +32,10 @@ def measure(run: EvalRun) -> str:
     return "OKS" if run.task is Task.KEYPOINT else "IoU"
 
 
+def point_criterion(run: EvalRun) -> str:
+    return "hit (accuracy)" if run.task in GUI_TASKS else "point in object"
+
+
 def headline_key(run: EvalRun) -> str:
     """The criterion categories are ranked by: F1 at IoU 0.50, or point-in-object."""
     return POINT_KEY if POINT_KEY in run.summary.by_key else iou_key(0.5)
@@ -46,7 +50,7 @@ def report_dict(run: EvalRun, dataset: str, per_category: bool = False) -> dict[
         "scored": summary.samples,
         "failed": dict(sorted(run.failed.items())),
         "metrics": {key: _metric(m) for key, m in summary.by_key.items()},
-        "measure": measure(run) if summary.mean else "point in object",
+        "measure": measure(run) if summary.mean else point_criterion(run),
         "mean_0.50_0.95": _metric(summary.mean) if summary.mean else None,
         "detections": run.detections,
         "resumed": run.resumed,
@@ -72,7 +76,7 @@ def category_table(run: EvalRun, most: int = 20) -> str:
     """The categories the model does worst on first."""
     key = headline_key(run)
     ranked = sorted((s.by_key[key].f1, c, s) for c, s in run.by_category.items() if key in s.by_key)
-    criterion = "point in object" if key == POINT_KEY else f"{measure(run)} {key}"
+    criterion = point_criterion(run) if key == POINT_KEY else f"{measure(run)} {key}"
     heading = f"category (worst first, {criterion})"
     lines = [f"{heading:<40} {'images':>6} {'precision':>9} {'recall':>7} {'F1':>7}"]
     for _, category, s in ranked[:most]:
@@ -87,7 +91,7 @@ def table(run: EvalRun) -> str:
     summary = run.summary
     rows: list[tuple[str, Metric]] = []
     if POINT_KEY in summary.by_key:
-        rows.append(("point in object", summary.by_key[POINT_KEY]))
+        rows.append((point_criterion(run), summary.by_key[POINT_KEY]))
     for threshold in SHOWN_THRESHOLDS:
         if iou_key(threshold) in summary.by_key:
             rows.append((f"{measure(run)} {threshold:.2f}", summary.by_key[iou_key(threshold)]))

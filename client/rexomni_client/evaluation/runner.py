@@ -1,9 +1,9 @@
 """Runs an evaluation dataset through a server, concurrently, and scores every image.
 
 The server does the batching; the runner keeps ``concurrency`` requests in flight so a vLLM
-deployment is evaluated at its real throughput. A request the server refuses (4xx/5xx) or
-that times out is recorded as a failed image and left out of the scores (the report says how
-many); a server that cannot be reached at all stops the run.
+deployment is evaluated at its real throughput. A request the server refuses (4xx/5xx), that
+times out or whose connection drops is recorded as a failed image and left out of the scores
+(the report says how many); a server that cannot be reached at all stops the run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from rexomni_client.bulk import IMAGE_ERRORS, UNREACHABLE_ERRORS, fails_one_image
 from rexomni_client.evaluation.dataset import DatasetError, EvalSample
 from rexomni_client.evaluation.scoring import (
     XYXY,
@@ -27,11 +28,12 @@ from rexomni_client.evaluation.scoring import (
     Truth,
     normalize_label,
     score_boxes,
+    score_gui,
     score_keypoints,
     score_points,
     summarize,
 )
-from rexomni_client.http import DETECTION_ADAPTER, RexOmniHTTPError
+from rexomni_client.http import DETECTION_ADAPTER
 from rexomni_server.schemas import (
     BoxDetection,
     DetectionModel,
@@ -54,6 +56,10 @@ EVALUATED_TASKS: dict[Task, Geometry] = {
         Task.GUI_POINTING,
     )
 }
+
+
+# Scored by a hit in the target element (score_gui), not by matching objects.
+GUI_TASKS = frozenset({Task.GUI_GROUNDING, Task.GUI_POINTING})
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ def check_task(task: str, samples: Sequence[EvalSample]) -> Task:
         bare = next((s for s in samples if not all(t.keypoints is not None for t in s.truths)), None)
         if bare is not None:
             raise DatasetError(f"sample {bare.sample_id} has objects without keypoints to compare with")
-    if EVALUATED_TASKS[parsed] is Geometry.BOX:
+    if EVALUATED_TASKS[parsed] is Geometry.BOX and parsed not in GUI_TASKS:
         unboxed = next((s for s in samples if not s.boxed), None)
         if unboxed is not None:
             raise DatasetError(
@@ -167,6 +173,8 @@ def score_predictions(
     task: Task, truths: Sequence[Truth], predictions: Sequence[Prediction], single_phrase: bool
 ) -> SampleScore:
     geometry = EVALUATED_TASKS[task]
+    if task in GUI_TASKS:
+        return score_gui(truths, predictions)
     if geometry is Geometry.KEYPOINTS:
         return score_keypoints(truths, predictions, single_phrase=single_phrase)
     if geometry is Geometry.BOX:
@@ -224,8 +232,10 @@ async def evaluate(
                 image = await asyncio.to_thread(sample.image.read_bytes)
                 queries = queries_for(parsed, sample)
                 results = [await detect(parsed, query, image) for query in queries]
-            except (OSError, RexOmniHTTPError, httpx.TimeoutException, ValidationError) as exc:
+            except (*IMAGE_ERRORS, ValidationError) as exc:
                 # ValidationError: the sample makes a request the schema refuses (no category...).
+                if not (isinstance(exc, ValidationError) or fails_one_image(exc)):
+                    raise  # no server there: stops the run (below)
                 run.failed[sample.sample_id] = record["error"] = _describe(exc)
             else:
                 latency = (time.perf_counter() - start) * 1000
@@ -263,7 +273,7 @@ async def evaluate(
                 group.create_task(one(sample))
     except BaseExceptionGroup as errors:
         # No server to talk to: stop at once rather than fail every image the same way.
-        unreachable, other = errors.split(httpx.TransportError)
+        unreachable, other = errors.split(UNREACHABLE_ERRORS)
         if unreachable is None or other is not None:
             raise
         raise ServerUnreachable(str(unreachable.exceptions[0])) from None
@@ -281,4 +291,4 @@ def _describe(exc: BaseException) -> str:
         return f"image not found: {exc.filename}"
     if isinstance(exc, httpx.TimeoutException):
         return "request timed out"
-    return str(exc)
+    return str(exc) or type(exc).__name__

@@ -138,10 +138,15 @@ class SampleScore:
     truths: int
     predictions: Mapping[str, int]
     matches: Mapping[str, int]
+    ignored: int = 0  # ground truth that neither counts nor punishes (crowd regions...)
 
-    def precision_recall(self, key: str) -> tuple[float, float]:
+    def precision_recall(self, key: str) -> tuple[float, float] | None:
+        """None when the image says nothing at that criterion: all its ground truth is
+        ignored and every prediction fell in it (COCO leaves such an image out too)."""
         predictions, matches = self.predictions[key], self.matches[key]
         if self.truths == 0:
+            if predictions == 0 and self.ignored:
+                return None
             return (1.0, 1.0) if predictions == 0 else (0.0, 0.0)
         if predictions == 0:
             return 0.0, 0.0
@@ -285,7 +290,8 @@ def score_boxes(
             )
             matched[key] += len(used)
             counted[key] += len(boxes) - excused
-    return SampleScore(sum(not t.crowd for t in truths), counted, matched)
+    crowd_count = sum(t.crowd for t in truths)
+    return SampleScore(len(truths) - crowd_count, counted, matched, ignored=crowd_count)
 
 
 def score_points(
@@ -299,7 +305,18 @@ def score_points(
         excused = sum(1 for i, (x, y) in enumerate(points) if i not in used and any(c.contains(x, y) for c in crowds))
         matched += len(used)
         counted += len(points) - excused
-    return SampleScore(sum(not t.crowd for t in truths), {POINT_KEY: counted}, {POINT_KEY: matched})
+    crowd_count = sum(t.crowd for t in truths)
+    return SampleScore(len(truths) - crowd_count, {POINT_KEY: counted}, {POINT_KEY: matched}, ignored=crowd_count)
+
+
+def score_gui(truths: Sequence[Truth], predictions: Sequence[Prediction]) -> SampleScore:
+    """GUI grounding / pointing as the reference evaluation scores it: a hit when any predicted
+    point, or the centre of any predicted box, lies in the target element; precision and recall
+    are then both that hit (accuracy), whatever the number of predictions."""
+    regions = [t.region for t in truths]
+    hit = any(region.contains(*_point_of(p)) for p in predictions for region in regions)
+    asked = 1 if predictions else 0
+    return SampleScore(1 if truths else 0, {POINT_KEY: asked}, {POINT_KEY: int(hit)})
 
 
 def score_keypoints(
@@ -315,11 +332,12 @@ def score_keypoints(
     against the model (as COCO's keypoint evaluation ignores them)."""
     counted = {iou_key(t): 0 for t in thresholds}
     matched = {iou_key(t): 0 for t in thresholds}
-    truth_count = 0
+    truth_count = ignored_count = 0
     for group_truths, group_preds in _groups(truths, predictions, single_phrase):
         scored = [t for t in group_truths if not t.crowd and t.box and t.keypoints and _any_visible(t.keypoints)]
         ignored = [t.box for t in group_truths if t not in scored and t.box is not None]
         truth_count += len(scored)
+        ignored_count += len(group_truths) - len(scored)
         similarity = [
             [oks(t.box, t.keypoints, p.keypoints or {}) for p in group_preds]  # type: ignore[arg-type]
             for t in scored
@@ -336,7 +354,7 @@ def score_keypoints(
             )
             matched[key] += len(used)
             counted[key] += len(group_preds) - excused
-    return SampleScore(truth_count, counted, matched)
+    return SampleScore(truth_count, counted, matched, ignored=ignored_count)
 
 
 def _any_visible(keypoints: Keypoints) -> bool:
@@ -352,9 +370,9 @@ def summarize(scores: Sequence[SampleScore]) -> Summary:
         return Summary(0, {}, None)
     by_key: dict[str, Metric] = {}
     for key in scores[0].matches:
-        pairs = [s.precision_recall(key) for s in scores]
-        precision = sum(p for p, _ in pairs) / len(pairs)
-        recall = sum(r for _, r in pairs) / len(pairs)
+        pairs = [pair for s in scores if (pair := s.precision_recall(key)) is not None]
+        precision = sum(p for p, _ in pairs) / len(pairs) if pairs else 0.0
+        recall = sum(r for _, r in pairs) / len(pairs) if pairs else 0.0
         by_key[key] = Metric(precision, recall, _f1(precision, recall))
     iou_metrics = [by_key[iou_key(t)] for t in IOU_THRESHOLDS if iou_key(t) in by_key]
     mean = None
