@@ -46,6 +46,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks
 
 unit: install
 	$(BIN)/pytest tests/unit -q

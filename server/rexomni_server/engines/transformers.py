@@ -151,10 +151,17 @@ class TransformersEngine:
 
     @classmethod
     def from_loaded(
-        cls, model: Any, tokenizer: Any, image_processor: Any, *, label: str, fast_decode: str = "auto"
+        cls,
+        model: Any,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        label: str,
+        fast_decode: str = "auto",
+        max_concurrency: int = 4,
     ) -> TransformersEngine:
         """An engine over components already in memory (benchmarks build random 3B models)."""
-        engine = cls(label, fast_decode=fast_decode)
+        engine = cls(label, fast_decode=fast_decode, max_concurrency=max_concurrency)
         engine._model, engine._tokenizer, engine._image_processor = model.eval(), tokenizer, image_processor
         engine._device = str(next(model.parameters()).device)
         return engine
