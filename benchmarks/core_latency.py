@@ -5,7 +5,9 @@
 1. Parse throughput: a forced-style output of N boxes parsed whole and token by token
    (the streaming path), in tokens/s.
 2. End to end on the tiny random model with forced outputs: HTTP app (in-process ASGI) vs the
-   engine called directly, same requests, same run, so the ratio is the server's overhead.
+   service called directly vs the engine called directly, same requests, same run, so the
+   ratios are the overheads of each layer.
+3. The same without a model (scripted engine): the server's own cost per output piece.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from PIL import Image
 from benchmarks.common import single_label_forced
 from rexomni_server.app import create_app
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
+from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.images import prepare_image
 from rexomni_server.parsing import StreamParser, parse_output
 from rexomni_server.prompts import build_task_text
 from rexomni_server.runtime import Runtime
+from rexomni_server.schemas import DetectParams
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import Task
 from rexomni_server.tiny import make_tiny_model
@@ -89,7 +93,9 @@ async def bench_end_to_end(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
             prepared = prepare_image(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 16 * 784, 2560 * 784)
             sampling = SamplingConfig(settings.max_new_tokens, 0.0, 0.8, 1, 1.05)
             task_text = build_task_text(Task.DETECTION, ["person"])
-            direct, per_token, via_http, first = [], [], [], []
+            params = DetectParams.model_validate({"categories": ["person"], "options": {"forced_output": forced}})
+            image = buf.getvalue()
+            direct, per_token, via_service, via_http, first = [], [], [], [], []
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as client:
                 await client.post("/v1/detect", json=body)  # warm-up, both paths
                 await engine_direct(runtime, EngineRequest("warm", task_text, prepared.resized, sampling, forced))
@@ -99,18 +105,53 @@ async def bench_end_to_end(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
                     direct.append(total)
                     per_token.append(decode)
                     t = time.perf_counter()
+                    await runtime.service.detect(params, image)  # the service without a transport
+                    via_service.append(time.perf_counter() - t)
+                    t = time.perf_counter()
                     result = (await client.post("/v1/detect", json=body)).json()
                     via_http.append(time.perf_counter() - t)
                     first.append(result["timings"]["first_detection_ms"])
         finally:
             await runtime.stop()
-    d, h = statistics.median(direct), statistics.median(via_http)
+    d, h, sv = statistics.median(direct), statistics.median(via_http), statistics.median(via_service)
     return [
         (f"engine direct, {n_boxes} boxes ({tokens} tokens), ms", f"{d * 1000:.1f}"),
+        ("service (image, parsing, tracking; no transport), ms", f"{sv * 1000:.1f}"),
         ("HTTP /v1/detect end to end, ms", f"{h * 1000:.1f}"),
         ("HTTP time to first detection, ms", f"{statistics.median(first):.1f}"),
         ("HTTP / engine ratio", f"{h / d:.2f}"),
         ("engine decode ms per token (after the first; tiny model)", f"{statistics.median(per_token) * 1000:.2f}"),
+    ]
+
+
+async def bench_server_cost(n_boxes: int, repeats: int) -> list[tuple[str, str]]:
+    """The server's own CPU cost per output token, without a model: the scripted engine replays
+    the output at once, so what remains is image handling, parsing, tracking and transport."""
+    forced = single_label_forced("person", n_boxes)
+    engine = ScriptedEngine(default_output=forced)
+    await engine.start()
+    runtime = Runtime(Settings(allow_forced_output=True, engine="scripted"), engine=engine, model_label="scripted")
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (20, 90, 160)).save(buf, "JPEG")
+    params = DetectParams.model_validate({"categories": ["person"], "options": {"forced_output": forced}})
+    body = {"image": base64.b64encode(buf.getvalue()).decode(), **params.model_dump(mode="json")}
+    via_service, via_http = [], []
+    transport = httpx.ASGITransport(app=create_app(runtime=runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+        result = await runtime.service.detect(params, buf.getvalue())  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            await runtime.service.detect(params, buf.getvalue())
+            via_service.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            (await client.post("/v1/detect", json=body)).raise_for_status()
+            via_http.append(time.perf_counter() - t)
+    tokens = result.usage.completion_tokens
+    service, http = statistics.median(via_service), statistics.median(via_http)
+    return [
+        (f"no model: service, {n_boxes} boxes ({tokens} pieces), ms", f"{service * 1000:.1f}"),
+        ("no model: HTTP /v1/detect, ms", f"{http * 1000:.1f}"),
+        ("no model: server cost per output piece, µs (HTTP)", f"{http / tokens * 1e6:.1f}"),
     ]
 
 
@@ -120,6 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     rows = bench_parser(args.boxes, args.repeats) + asyncio.run(bench_end_to_end(args.boxes, args.repeats))
+    rows += asyncio.run(bench_server_cost(args.boxes, args.repeats))
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  -----")
