@@ -55,8 +55,20 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
         ("stream_first_detection", ["--boxes", "3", "--repeats", "1"], ["SSE ", "gRPC "]),
         (
             "load",
-            ["--engine", "transformers", "--concurrency", "2", "--requests", "2", "--boxes", "2"]
-            + ["--fan-boxes", "1", "--fan-repeats", "1"],
+            [
+                "--engine",
+                "transformers",
+                "--concurrency",
+                "2",
+                "--requests",
+                "2",
+                "--boxes",
+                "2",
+                "--fan-boxes",
+                "1",
+                "--fan-repeats",
+                "1",
+            ],
             ["one at a time (reference)", "2 in flight", "fan-out (one per category)"],
         ),
         (
