@@ -48,8 +48,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown settings in the environment: {', '.join(unknown)}")
     settings = Settings(**_settings_overrides(args))
+    if os.environ.get("REXOMNI_API_KEY") and not (settings.api_keys.get_secret_value() or settings.api_keys_file):
+        # The client's variable: a server given only it would run open, believing itself closed.
+        raise ValueError(
+            "REXOMNI_API_KEY is the client's setting; the server takes REXOMNI_API_KEYS (comma-separated) "
+            "or REXOMNI_API_KEYS_FILE"
+        )
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:  # a port taken, a certificate unreadable
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

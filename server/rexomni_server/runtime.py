@@ -59,11 +59,11 @@ def model_reachable(model: str, timeout_s: float = 5.0) -> bool:
 def choose_engine_name(settings: Settings) -> str:
     if settings.engine != "auto":
         return settings.engine
-    if (
-        importlib.util.find_spec("vllm") is not None
-        and importlib.util.find_spec("rexomni_server.engines.vllm") is not None
-    ):
-        return "vllm"
+    if importlib.util.find_spec("vllm") is not None:
+        from rexomni_server.engines.vllm import vllm_usable
+
+        if vllm_usable():  # installed with a device to run on (a GPU, or its CPU build)
+            return "vllm"
     return "transformers"
 
 
@@ -82,6 +82,12 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise InvalidRequest("engine 'vllm' needs vLLM installed (pip install 'rexomni[vllm]')")
+        if settings.device != "auto":
+            # vLLM takes every GPU it is shown: choose them with CUDA_VISIBLE_DEVICES instead.
+            raise InvalidRequest(
+                f"device {settings.device!r} applies to the transformers engine; vLLM uses the GPUs in "
+                "CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1 for the second GPU)"
+            )
         from rexomni_server.engines.vllm import VllmEngine
 
         return VllmEngine(model_path, settings)

@@ -63,6 +63,13 @@ class _HTTPServer(uvicorn.Server):
         yield
 
 
+async def _serve_http(server: uvicorn.Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits the process when it cannot bind; we report it
+        raise OSError(f"the HTTP server stopped (uvicorn exit status {exc.code})") from None
+
+
 async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc_port: int | None) -> RunningServers:
     """Start HTTP (uvicorn) and/or gRPC on ``runtime``; ``None`` leaves a transport off."""
     servers = RunningServers(http=None, http_task=None, grpc=None)
@@ -90,7 +97,7 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         )
         servers.http = _HTTPServer(config)
-        servers.http_task = asyncio.create_task(servers.http.serve())
+        servers.http_task = asyncio.create_task(_serve_http(servers.http))
         while not servers.http.started:
             if servers.http_task.done():  # e.g. the port is taken: uvicorn exits
                 await servers.stop()
@@ -109,18 +116,20 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    servers = await start_servers(
-        runtime,
-        settings.host,
-        settings.port if settings.http_enabled else None,
-        settings.grpc_port if settings.grpc_enabled else None,
-    )
+    servers: RunningServers | None = None
     try:
+        servers = await start_servers(
+            runtime,
+            settings.host,
+            settings.port if settings.http_enabled else None,
+            settings.grpc_port if settings.grpc_enabled else None,
+        )
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
         if servers.http_task is not None:
             waiters.append(servers.http_task)  # type: ignore[arg-type]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         log.info("shutting down", extra={"fields": {"in_flight": runtime.service.in_flight}})
-        await servers.stop(settings.drain_timeout_s)
-        await runtime.stop()
+        if servers is not None:
+            await servers.stop(settings.drain_timeout_s)
+        await runtime.stop()  # also when a port was taken: the model load is abandoned, not awaited

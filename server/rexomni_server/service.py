@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -145,17 +146,19 @@ class DetectionService:
                 "(start it with --allow-forced-output)"
             )
 
-    def _check_context(self, resized_size: tuple[int, int]) -> None:
-        """The image alone must fit the context; say how to make it fit instead of failing later."""
+    def _answer_room(self, resized_size: tuple[int, int]) -> int:
+        """Tokens the context leaves for the answer after the prompt. The image alone must fit
+        (with room for an answer): say how to make it fit instead of failing later."""
         width, height = resized_size
         image_tokens = (width // FACTOR) * (height // FACTOR)
         budget = self.settings.max_model_len - PROMPT_TEXT_TOKENS
-        if image_tokens > budget:
+        if image_tokens >= budget:
             raise InvalidRequest(
                 f"the image needs {image_tokens} tokens at {width}x{height}, more than the context "
                 f"(max_model_len {self.settings.max_model_len}) leaves; lower options.max_pixels to at "
-                f"most {budget * FACTOR * FACTOR}"
+                f"most {(budget - 1) * FACTOR * FACTOR}"
             )
+        return budget - image_tokens
 
     def fans_out(self, params: DetectParams) -> bool:
         if params.task not in FAN_OUT_TASKS or len(params.categories) < 2:
@@ -224,7 +227,11 @@ class DetectionService:
             self._check_forced(params)
             self._check_priority(params)
             image = await asyncio.to_thread(load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels)
-            self._check_context(image.resized_size)
+            # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
+            # asking for no more keeps the transformers engine inside the trained context too.
+            room = self._answer_room(image.resized_size)
+            if sampling.max_new_tokens > room:
+                sampling = dataclasses.replace(sampling, max_new_tokens=room)
             texts = self._task_texts(params, (image.width, image.height))
             engine_token = uuid.uuid4().hex[:12]
             engine_requests = [

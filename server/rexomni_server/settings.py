@@ -41,7 +41,11 @@ class Settings(BaseSettings):
         "random-weight model instead, loudly labelled. For demos, never for production.",
     )
     tiny_model_dir: Path = Field(default_factory=default_tiny_dir)
-    device: str = Field(default="auto", description="'auto' (cuda when present), 'cpu', 'cuda'.")
+    device: str = Field(
+        default="auto",
+        description="transformers engine: 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1'; vLLM: "
+        "CUDA_VISIBLE_DEVICES instead",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="'auto': bfloat16 on GPU, float32 on CPU."
     )
@@ -78,7 +82,9 @@ class Settings(BaseSettings):
     top_p: float = Field(default=0.8, gt=0.0, le=1.0)
     top_k: int = Field(default=1, ge=0)
     repetition_penalty: float = Field(default=1.05, gt=0.0)
-    max_model_len: int = Field(default=4096, ge=256)
+    # The prompt (image tokens: 2560 at the default max_pixels, plus the text) and the
+    # answer (max_new_tokens, up to its 8192 ceiling) must both fit, or vLLM ends answers early.
+    max_model_len: int = Field(default=12288, ge=256)
     repetition_limit: int = Field(default=3, ge=1, description="Duplicate detections in a row that stop a generation.")
 
     # -- images --

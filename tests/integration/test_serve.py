@@ -213,3 +213,34 @@ def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
             assert events.count("detection") == boxes and events[-1] == "done"
         else:  # cut at the drain timeout, long before the 800 boxes (~15 s of work) were written
             assert "done" not in events and took < 10
+
+
+@pytest.mark.parametrize("taken_flag", ["--port", "--grpc-port"])
+def test_a_taken_port_stops_the_server_at_once_even_while_the_model_loads(
+    tiny_model_dir: Path, taken_flag: str
+) -> None:
+    """The model load (made to take 60 s here) is abandoned, not waited for."""
+    slow_load = (
+        "import sys, time\n"
+        "from rexomni_server.engines.transformers import TransformersEngine as E\n"
+        "load = E._load\n"
+        "E._load = lambda self: (time.sleep(60), load(self))[1]\n"
+        "from rexomni_server.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other_flag = "--grpc-port" if taken_flag == "--port" else "--port"
+        args = ["serve", "--model", str(tiny_model_dir), "--engine", "transformers", taken_flag, str(port)]
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-c", slow_load, *args, other_flag, str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert ("error: the HTTP server" if taken_flag == "--port" else "error: the gRPC server") in proc.stderr
+    assert time.monotonic() - started < 30

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -138,3 +140,50 @@ async def test_compiled_fast_decode_matches_eager_decoding() -> None:
     compiled_lp = [lp for e in compiled for lp in e.coordinate_logprobs]
     assert len(compiled_lp) == 8
     assert compiled_lp == pytest.approx(eager_lp, abs=1e-3)
+
+
+async def test_image_tokens_get_their_2d_positions_in_generation(
+    tiny_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen2.5-VL places image tokens by (t, h, w). The engine must mark them as image tokens
+    so the model computes those positions, as its own processor's inputs would make it."""
+    engine = engine_of(tiny_runtime)
+    model: Any = engine._model
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers places image tokens from input_ids alone")
+    wide = Image.new("RGB", (224, 112), (9, 9, 9))  # an 8x4 grid of merged patches
+    inputs = engine.model_inputs(EngineRequest("p", "Detect dog.", wide, SAMPLING, FORCED))
+    marked = inputs["mm_token_type_ids"][0]
+    pads = inputs["input_ids"][0] == engine._tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert marked.tolist() == pads.int().tolist() and int(marked.sum()) == 8 * 4
+
+    computed: list[Any] = []
+    rope_index = model.model.get_rope_index
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        positions, deltas = rope_index(*args, **kwargs)
+        computed.append(positions)
+        return positions, deltas
+
+    monkeypatch.setattr(model.model, "get_rope_index", spy)
+    events = await collect(engine, EngineRequest("p", "Detect dog.", wide, SAMPLING, FORCED))
+    assert "".join(e.text for e in events) == FORCED
+    assert computed, "generation did not compute the (t, h, w) positions"
+    t, h, w = (axis[0][marked.bool()] for axis in computed[0])
+    assert t.unique().numel() == 1  # one frame
+    assert h.unique().numel() == 4 and w.unique().numel() == 8  # rows and columns, not a line
+
+
+async def test_the_checkpoints_own_end_tokens_also_end_the_answer() -> None:
+    arch = {**architecture_config("qwen2_5_vl_3b"), **TINY_TEXT, "vision_config": TINY_VISION, "vocab_size": 4096}
+    model, tokenizer, image_processor = random_components(arch, "cpu", "float32")
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text]
+    engine = TransformersEngine.from_loaded(model, tokenizer, image_processor, label="two-ends")
+    await engine.start()
+    try:
+        events = await collect(engine, request("ends", forced=FORCED + "<|endoftext|><|box_start|><9>"))
+    finally:
+        await engine.stop()
+    assert "".join(e.text for e in events) == FORCED  # stopped at <|endoftext|>, which is not shown
+    assert events[-1].finish_reason == "stop"

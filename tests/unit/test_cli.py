@@ -67,6 +67,14 @@ def test_misspelt_environment_settings_stop_the_server_before_it_starts(
     assert "REXOMNI_MAX_NEW_TOKEN (did you mean REXOMNI_MAX_NEW_TOKENS?)" in capsys.readouterr().err
 
 
+def test_the_clients_api_key_variable_alone_does_not_start_an_open_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REXOMNI_API_KEY", "s3cret")
+    assert main(["serve", "--model", "tiny"]) == 2
+    assert "REXOMNI_API_KEYS" in capsys.readouterr().err
+
+
 def test_an_api_keys_file_that_cannot_be_read_stops_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", "tiny", "--api-keys-file", str(tmp_path / "missing")]) == 2
     assert "api_keys_file" in capsys.readouterr().err

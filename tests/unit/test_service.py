@@ -199,9 +199,17 @@ async def test_fan_out_default_follows_the_engine() -> None:
 
 async def test_an_image_too_big_for_the_context_is_a_clear_error() -> None:
     service, engine = await make_service(max_model_len=1024)
-    with pytest.raises(InvalidRequest, match=r"max_pixels to at most 602112"):
+    with pytest.raises(InvalidRequest, match=r"max_pixels to at most 601328"):
         await service.detect(params(), IMAGE)  # 999x999 -> 1008x1008 = 1296 image tokens
     assert not engine.requests
+
+
+async def test_the_answer_asks_for_no_more_tokens_than_the_context_leaves() -> None:
+    service, engine = await make_service(max_model_len=2048)
+    await service.detect(params(options={"max_new_tokens": 4096}), IMAGE)
+    assert engine.requests[-1].sampling.max_new_tokens == 2048 - 256 - 1296  # context - text - image
+    await service.detect(params(options={"max_new_tokens": 100}), IMAGE)
+    assert engine.requests[-1].sampling.max_new_tokens == 100  # room enough: as asked
 
 
 async def test_priority_reaches_an_engine_that_schedules_by_it_and_is_refused_elsewhere() -> None:

@@ -8,6 +8,7 @@ generations. Cancellation is a stopping criterion polled after every token.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -18,8 +19,9 @@ from typing import Any
 from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
 from rexomni_server.engines.detokenize import IncrementalDetokenizer
 from rexomni_server.engines.forced import ForcedOutputLogitsProcessor, forced_token_ids
+from rexomni_server.engines.loading import run_abandonable
 from rexomni_server.errors import EngineFailure, EngineNotReady
-from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
+from rexomni_server.prompts import IMAGE_PAD, STOP_TOKEN, build_chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class TransformersEngine:
         self._image_processor: Any = None
         self._device = "cpu"
         self._eos_id = -1
+        self._stop_ids: list[int] = []
         self._coordinate_ids: frozenset[int] = frozenset()
 
     @property
@@ -167,7 +170,7 @@ class TransformersEngine:
         return engine
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        await run_abandonable(self._load, "load-model")
         self._ready = True
 
     def _load(self) -> None:
@@ -181,6 +184,11 @@ class TransformersEngine:
             model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
             self._model = model.to(self._device).eval()
         self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        # <|im_end|> ends the answer; the checkpoint's own end tokens (e.g. <|endoftext|>) too,
+        # as vLLM and the reference wrapper honour them.
+        configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+        extra = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        self._stop_ids = [self._eos_id, *(int(i) for i in extra if int(i) != self._eos_id)]
         self._coordinate_ids = coordinate_token_ids(self._tokenizer)
         fast = self._fast_decode_setting
         self._fast_decode = fast == "on" or (fast == "auto" and self._device.startswith("cuda"))
@@ -221,7 +229,7 @@ class TransformersEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         future = loop.run_in_executor(self._pool, self._generate, request, cancel, emit)
-        detokenizer = IncrementalDetokenizer(self._tokenizer, skip_ids=frozenset({self._eos_id}))
+        detokenizer = IncrementalDetokenizer(self._tokenizer, skip_ids=frozenset(self._stop_ids))
         try:
             while True:
                 item = await queue.get()
@@ -255,9 +263,13 @@ class TransformersEngine:
             log.exception("generation %s failed", request.request_id)
             emit(_Failed(exc))
 
-    def _run(self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]) -> _Finished:
+    def model_inputs(self, request: EngineRequest) -> dict[str, Any]:
+        """The tensors ``generate`` takes for a request, as Qwen2.5-VL's processor makes them:
+        the chat prompt with one image pad per merged patch, the patches, their grid, and which
+        tokens are image tokens (``mm_token_type_ids``, 1 = image). Without the last, recent
+        transformers give image tokens plain 1-D positions instead of their (t, h, w) ones, and
+        the model loses the image's layout."""
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         vision = self._image_processor(images=[request.image], do_resize=False, return_tensors="pt")
         grid = vision["image_grid_thw"]
@@ -265,7 +277,23 @@ class TransformersEngine:
         image_tokens = int(grid.prod().item()) // (merge * merge)
         prompt = build_chat_prompt(request.task_text, image_tokens=image_tokens)
         input_ids = self._tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        prompt_length = int(input_ids.shape[1])
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": vision["pixel_values"].to(self._model.dtype),
+            "image_grid_thw": grid,
+        }
+        if "mm_token_type_ids" in inspect.signature(self._model.forward).parameters:
+            image_pad = self._tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+            inputs["mm_token_type_ids"] = (input_ids == image_pad).to(torch.int32)
+        return inputs
+
+    def _run(self, request: EngineRequest, cancel: threading.Event, emit: Callable[[_Item], None]) -> _Finished:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        inputs = self.model_inputs(request)
+        prompt_length = int(inputs["input_ids"].shape[1])
         emit(_Started(prompt_length))
 
         recorder = _LogprobRecorder()
@@ -287,11 +315,8 @@ class TransformersEngine:
             kwargs["cache_implementation"] = "static"
         with torch.inference_mode():
             output = self._model.generate(
-                input_ids=input_ids.to(self._device),
-                attention_mask=torch.ones_like(input_ids).to(self._device),
-                pixel_values=vision["pixel_values"].to(self._device, self._model.dtype),
-                image_grid_thw=grid.to(self._device),
-                eos_token_id=self._eos_id,
+                **{k: v.to(self._device) for k, v in inputs.items()},
+                eos_token_id=self._stop_ids,
                 pad_token_id=self._tokenizer.pad_token_id,
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
@@ -301,6 +326,6 @@ class TransformersEngine:
         generated = output[0, prompt_length:].tolist()
         if cancel.is_set():
             return _Finished("abort")
-        if generated and generated[-1] == self._eos_id:
+        if generated and generated[-1] in self._stop_ids:
             return _Finished("stop")
         return _Finished("length")

@@ -20,14 +20,37 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
 from rexomni_server.engines.forced import forced_token_ids
+from rexomni_server.engines.loading import run_abandonable
 from rexomni_server.engines.transformers import coordinate_token_ids
-from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest
+from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RexOmniError
 from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
 from rexomni_server.settings import PIXEL_UNIT, Settings
 
 log = logging.getLogger(__name__)
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def _domain_error(exc: Exception) -> RexOmniError:
+    """vLLM's refusal of a request (e.g. a prompt longer than the context) is the client's
+    error; a full queue is "not now"; anything else is the engine failing."""
+    try:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+    except ImportError:  # older vLLM: validation errors were ValueErrors
+        client_errors: tuple[type[Exception], ...] = (ValueError,)
+        busy_errors: tuple[type[Exception], ...] = ()
+    else:
+        client_errors, busy_errors = (ValueError, VLLMClientError), (GracefulHTTPError,)
+    if isinstance(exc, client_errors):
+        return InvalidRequest(f"vLLM rejected the request: {exc}")
+    if isinstance(exc, busy_errors):
+        return Overloaded(f"vLLM is at its limit: {exc}", retry_after_s=1.0)
+    return EngineFailure(f"vLLM generation failed: {exc}")
+
+
+def _shutdown_when_built(build: asyncio.Future[Any]) -> None:
+    if not build.cancelled() and build.exception() is None:
+        build.result().shutdown()
 
 
 def vllm_usable() -> bool:
@@ -90,6 +113,8 @@ class VllmEngine:
         self._eos_id = -1
         self._coordinate_ids: frozenset[int] = frozenset()
         self._ready = False
+        self._active: set[str] = set()  # request ids generating now (aborted on stop)
+        self._stopped = False
 
     @property
     def ready(self) -> bool:
@@ -100,8 +125,21 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.model_path, self._settings)
-        # Building the engine blocks for tens of seconds (weights, profiling): off the loop.
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._stopped = False
+        # Building the engine blocks for tens of seconds (weights, profiling): off the loop, in a
+        # thread a stopping server does not wait for.
+        build = asyncio.ensure_future(run_abandonable(lambda: AsyncLLM.from_engine_args(args), "build-vllm"))
+        try:
+            engine = await asyncio.shield(build)
+        except asyncio.CancelledError:
+            # Stopped while building: shut the engine (and its engine-core process) down when it
+            # is built, rather than leave it running with nobody to stop it.
+            build.add_done_callback(_shutdown_when_built)
+            raise
+        if self._stopped:
+            engine.shutdown()
+            raise EngineNotReady("the engine was stopped while it started")
+        self._engine = engine
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
         self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
         self._coordinate_ids = coordinate_token_ids(self._tokenizer)
@@ -110,6 +148,11 @@ class VllmEngine:
 
     async def stop(self) -> None:
         self._ready = False
+        self._stopped = True
+        if self._engine is not None and self._active:
+            # Aborted before the shutdown, each stream still gets its final ("abort") output;
+            # after it, vLLM's output handler is gone and they would wait forever.
+            await self._engine.abort(list(self._active))
         if self._engine is not None:
             # On the loop thread: shutdown() cancels vLLM's output-handler task, which is only
             # safe from the loop that owns it (else the handler sees a dead engine and logs it).
@@ -171,6 +214,7 @@ class VllmEngine:
             prompt, self._sampling_params(request), request.request_id, priority=request.priority
         )
         started = False
+        self._active.add(request.request_id)
         try:
             async for output in generator:
                 if not started:
@@ -187,10 +231,9 @@ class VllmEngine:
                     yield EngineEvent(finish_reason=_FINISH.get(str(completion.finish_reason), "stop"))
         except (EngineNotReady, asyncio.CancelledError, GeneratorExit):
             raise
-        except ValueError as exc:  # vLLM's input validation (e.g. a prompt longer than the context)
-            raise InvalidRequest(f"vLLM rejected the request: {exc}") from exc
         except Exception as exc:
-            raise EngineFailure(f"vLLM generation failed: {exc}") from exc
+            raise _domain_error(exc) from exc
         finally:
+            self._active.discard(request.request_id)
             # Closing vLLM's generator early aborts the request in the engine core.
             await generator.aclose()

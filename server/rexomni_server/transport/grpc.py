@@ -196,11 +196,14 @@ class GrpcServer:
         )
         reflection.enable_server_reflection(names, self.server)
         settings = runtime.settings
-        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-            self.port = self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([pair]))
-        else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+                pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+                self.port = self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([pair]))
+            else:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpc's way of saying the port is taken
+            raise OSError(f"the gRPC server could not listen on {host}:{port}: {exc}") from None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
