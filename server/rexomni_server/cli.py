@@ -13,28 +13,35 @@ from rexomni_server.tasks import KEYPOINT_SETS, Task
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "model",
-        "engine",
-        "host",
-        "port",
-        "grpc_port",
-        "device",
-        "dtype",
-        "max_concurrency",
-        "log_level",
-        "api_keys_file",
-        "tls_cert_file",
-        "tls_key_file",
-    )
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    for flag in ("fallback_to_tiny", "allow_forced_output"):
-        if getattr(args, flag):
-            overrides[flag] = True
+    """The settings given as flags (flags left out leave the environment's or the default)."""
+    from rexomni_server.settings import Settings
+
+    overrides = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
     for flag in ("http", "grpc"):
         if getattr(args, f"no_{flag}", False):
             overrides[f"{flag}_enabled"] = False
     return overrides
+
+
+# Never a flag: a key on the command line is visible to every user of the machine (ps).
+SECRET_SETTINGS = frozenset({"api_keys"})
+
+
+def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
+    """A flag for every setting the hand-written ones above leave out (``--max-queue 10``,
+    ``--enforce-eager``/``--no-enforce-eager``); the values are validated by Settings."""
+    from rexomni_server.settings import Settings
+
+    taken = {action.dest for action in serve._actions} | SECRET_SETTINGS | {"http_enabled", "grpc_enabled"}
+    group = serve.add_argument_group("more settings (each also REXOMNI_<NAME>; see the README)")
+    for name, field in Settings.model_fields.items():
+        if name in taken:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=field.description)
+        else:
+            group.add_argument(flag, dest=name, metavar=name.upper(), help=field.description)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -109,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rexomni-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP server (settings also from REXOMNI_* env)")
+    serve = sub.add_parser(
+        "serve", help="run the HTTP and gRPC servers (settings also from REXOMNI_* env)", allow_abbrev=False
+    )
     serve.add_argument("--model", help="checkpoint path or hub id; 'tiny' = random tiny model")
     serve.add_argument("--engine", choices=["auto", "vllm", "transformers", "scripted"])
     serve.add_argument("--host")
@@ -132,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--fallback-to-tiny",
         action="store_true",
+        default=None,
         help="serve the tiny random-weight model if the real one cannot be loaded (demos)",
     )
-    serve.add_argument("--allow-forced-output", action="store_true", help="accept options.forced_output (tests)")
+    serve.add_argument(
+        "--allow-forced-output", action="store_true", default=None, help="accept options.forced_output (tests)"
+    )
+    _add_setting_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write the tiny random checkpoint to DIR")

@@ -21,7 +21,16 @@ XYXY = Annotated[list[float], Field(min_length=4, max_length=4)]
 
 
 class _Strict(BaseModel):
+    """Requests: an unknown field is a mistake (a misspelt option), refused."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+class _Answer(BaseModel):
+    """Responses: a client reading a newer server's answer ignores fields it does not know
+    (fields may be added within v1), instead of failing on them."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 def validation_summary(errors: Iterable[Mapping[str, Any]]) -> str:
@@ -33,7 +42,7 @@ def validation_summary(errors: Iterable[Mapping[str, Any]]) -> str:
 
 
 # ---- detections -----------------------------------------------------------------------------
-class _DetectionBase(_Strict):
+class _DetectionBase(_Answer):
     label: str = Field(description="Category, GUI element, or the recognised text (OCR tasks).")
     score: float | None = Field(default=None, description="Confidence in [0, 1] where the engine can compute one.")
 
@@ -185,20 +194,23 @@ class DetectRequest(DetectParams):
 
 
 # ---- results --------------------------------------------------------------------------------
-class ImageInfo(_Strict):
+class ImageInfo(_Answer):
     width: int
     height: int
     resized_width: int = Field(description="Width of the image the model saw (smart_resize).")
     resized_height: int
 
 
-class Usage(_Strict):
+class Usage(_Answer):
     prompt_tokens: int
     completion_tokens: int
 
 
-class Timings(_Strict):
-    queue_ms: float = Field(description="Waiting for a generation slot.")
+class Timings(_Answer):
+    queue_ms: float = Field(
+        description="Until the engine started the request: waiting for a generation slot (on vLLM, "
+        "which reports nothing earlier, until its first token, so prefill included)."
+    )
     first_detection_ms: float | None = Field(description="From arrival to the first detection.")
     total_ms: float
 
@@ -206,7 +218,7 @@ class Timings(_Strict):
 FinishReason = Literal["stop", "length", "abort", "max_detections", "repetition"]
 
 
-class DetectResult(_Strict):
+class DetectResult(_Answer):
     request_id: str
     model: str
     task: Task
@@ -224,17 +236,17 @@ class DetectResult(_Strict):
     raw_output: str | None = None
 
 
-class ErrorBody(_Strict):
+class ErrorBody(_Answer):
     code: str
     message: str
     request_id: str | None = None
 
 
-class ErrorResponse(_Strict):
+class ErrorResponse(_Answer):
     error: ErrorBody
 
 
-class TaskInfo(_Strict):
+class TaskInfo(_Answer):
     name: Task
     template: str
     description: str
@@ -244,6 +256,6 @@ class TaskInfo(_Strict):
     requires_keypoint_type: bool
 
 
-class TasksResponse(_Strict):
+class TasksResponse(_Answer):
     tasks: list[TaskInfo]
     keypoint_sets: dict[str, list[str]]

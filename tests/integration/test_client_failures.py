@@ -176,3 +176,11 @@ async def test_cli_refuses_bad_arguments_before_any_request(
     argv = ["--url", fake.url, "detect", str(image), "--categories", "cat", *extra]
     status = await asyncio.to_thread(main, argv)
     assert status == 2 and expected in capsys.readouterr().err and fake.requests == 0
+
+
+async def test_a_newer_servers_extra_fields_are_ignored(fake: ScriptedHTTPServer) -> None:
+    newer = {**RESULT, "added_later": {"x": 1}, "detections": [{**DETECTION, "mask": "rle..."}]}
+    fake.answers = [http(200, json.dumps(newer).encode())]
+    async with AsyncRexOmniClient(fake.url) as client:
+        result = await client.detect(PNG, "detection", ["cat"])
+    assert result.detections[0].label == "cat" and not hasattr(result, "added_later")

@@ -49,6 +49,16 @@ def test_serve_flags_become_settings() -> None:
     both_off = build_parser().parse_args(["serve", "--no-grpc", "--no-http"])
     with pytest.raises(ValueError, match="at least one"):
         Settings(**_settings_overrides(both_off))
+    # Every setting has a flag (but the secret keys), validated like its environment variable.
+    flags = ["serve", "--max-queue", "10", "--gpu-memory-utilization", "0.8", "--enforce-eager"]
+    settings = Settings(**_settings_overrides(build_parser().parse_args(flags)))
+    assert (settings.max_queue, settings.gpu_memory_utilization, settings.enforce_eager) == (10, 0.8, True)
+    with pytest.raises(ValueError, match="max_queue"):
+        Settings(**_settings_overrides(build_parser().parse_args(["serve", "--max-queue", "many"])))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--api-keys", "k"])  # would show in ps
+    # A flag left out leaves the environment's value.
+    assert _settings_overrides(build_parser().parse_args(["serve"])) == {}
 
 
 def test_misspelt_environment_settings_stop_the_server_before_it_starts(

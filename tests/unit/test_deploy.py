@@ -69,8 +69,10 @@ def test_compose_and_dockerfile_expose_the_server_ports_and_probe_a_real_path() 
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {SERVER.port} {SERVER.grpc_port}" in dockerfile
-    probed = re.findall(r"://127\.0\.0\.1:\d+(/\w+)", dockerfile)
+    # The health check probes a real path on the server's port (REXOMNI_PORT, else the default).
+    probed = re.findall(r"://127\.0\.0\.1:'\+port\+'(/\w+)", dockerfile)
     assert probed and set(probed) <= HTTP_PATHS
+    assert f"os.environ.get('REXOMNI_PORT','{SERVER.port}')" in dockerfile
 
 
 def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
