@@ -130,16 +130,19 @@ class VllmEngine:
         # thread a stopping server does not wait for.
         build = asyncio.ensure_future(run_abandonable(lambda: AsyncLLM.from_engine_args(args), "build-vllm"))
         try:
-            engine = await asyncio.shield(build)
+            await asyncio.shield(build)
         except asyncio.CancelledError:
             # Stopped while building: shut the engine (and its engine-core process) down when it
             # is built, rather than leave it running with nobody to stop it.
             build.add_done_callback(_shutdown_when_built)
             raise
+        # No local keeps the engine: this frame can outlive the call (libraries keep tracebacks
+        # of imports it triggered), and stop() must leave vLLM's engine to be freed.
+        self._engine = build.result()
+        del build
         if self._stopped:
-            engine.shutdown()
+            await self.stop()
             raise EngineNotReady("the engine was stopped while it started")
-        self._engine = engine
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
         self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
         self._coordinate_ids = coordinate_token_ids(self._tokenizer)
@@ -158,6 +161,10 @@ class VllmEngine:
             # safe from the loop that owns it (else the handler sees a dead engine and logs it).
             self._engine.shutdown()
             self._engine = None
+            # One loop turn for the tasks vLLM woke while shutting down: until they run they keep
+            # the engine alive, and a loop closed right after would leave it to the interpreter's
+            # exit, too late for vLLM's finalizer.
+            await asyncio.sleep(0)
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:
