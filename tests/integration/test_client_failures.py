@@ -104,10 +104,25 @@ async def test_a_connection_dropped_before_any_answer_is_sent_again(fake: Script
 async def test_a_stream_that_ends_without_its_result_raises(fake: ScriptedHTTPServer) -> None:
     fake.answers = [sse(("detection", {"detection": DETECTION}))]
     for call in sync_and_async(fake):
+        fake.requests = 0
         with pytest.raises(RexOmniHTTPError) as broke:
             await call()  # type: ignore[misc]
         assert broke.value.code == "stream_incomplete" and broke.value.status == 502
         assert broke.value.request_id == "stream-7"
+        assert fake.requests == 1  # a stream that yielded something is never sent again
+
+
+async def test_loading_503_is_retried_after_retry_after(fake: ScriptedHTTPServer) -> None:
+    loading = {"error": {"code": "engine_not_ready", "message": "the model is still loading", "request_id": "l"}}
+    fake.answers = [http(503, json.dumps(loading).encode(), retry_after="0"), http(200, json.dumps(RESULT).encode())]
+    async with AsyncRexOmniClient(fake.url, retries=1) as client:
+        result = await client.detect(PNG, "detection", ["cat"])
+    assert result.detections and fake.requests == 2
+    fake.requests = 0
+    async with AsyncRexOmniClient(fake.url, retries=0) as impatient:
+        with pytest.raises(RexOmniHTTPError) as refused:
+            await impatient.detect(PNG, "detection", ["cat"])
+    assert refused.value.status == 503 and refused.value.code == "engine_not_ready" and fake.requests == 1
 
 
 async def test_errors_carry_the_servers_code_request_id_and_equivalent_status(fake: ScriptedHTTPServer) -> None:

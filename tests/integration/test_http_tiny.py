@@ -118,8 +118,20 @@ async def test_truncation_keeps_complete_detections(tiny_client: httpx.AsyncClie
     assert len(result["detections"]) == 2
 
 
-@pytest.mark.parametrize("task", ["ocr_box", "gui_grounding", "gui_pointing"])
-async def test_other_tasks_run(tiny_client: httpx.AsyncClient, task: str) -> None:
-    forced = "<|object_ref_start|>OK<|object_ref_end|><|box_start|><1><2><3><4><|box_end|>"
-    result = await detect(tiny_client, forced, task=task, categories=["button"])
-    assert len(result["detections"]) == 1  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("task", "coordinates", "expected"),
+    [
+        ("ocr_box", "<1><2><3><4>", {"type": "box", "box": [x(1), y(2), x(3), y(4)]}),
+        ("gui_grounding", "<1><2><3><4>", {"type": "box", "box": [x(1), y(2), x(3), y(4)]}),
+        ("gui_pointing", "<500><250>", {"type": "point", "point": [x(500), y(250)]}),
+    ],
+)
+async def test_other_tasks_give_their_own_geometry_and_label(
+    tiny_client: httpx.AsyncClient, task: str, coordinates: str, expected: dict[str, object]
+) -> None:
+    # The label is what the model wrote: the recognised text for OCR, the element for GUI.
+    forced = f"<|object_ref_start|>Total: 42,00 €<|object_ref_end|><|box_start|>{coordinates}<|box_end|>"
+    result = await detect(tiny_client, forced, task=task, categories=["word" if task == "ocr_box" else "button"])
+    (detection,) = result["detections"]  # type: ignore[misc]
+    assert {k: v for k, v in detection.items() if k not in ("score",)} == {"label": "Total: 42,00 €", **expected}
+    assert result["skipped"] == 0

@@ -111,15 +111,21 @@ def test_cli_detect_and_annotate(
         str(photo),
         "--categories",
         "cat",
-        "--max-new-tokens",
-        "8",  # the random model rarely ends on its own
+        "--options",
+        json.dumps({"forced_output": FORCED}),  # one cat box: x 0..100, the full height
         "--annotate",
         str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["task"] == "detection"
-    assert out.stat().st_size > 0
+    from PIL import Image, ImageChops
+
+    before, after = Image.open(photo).convert("RGB"), Image.open(out).convert("RGB")
+    assert after.size == before.size
+    changed = ImageChops.difference(before, after).convert("L").point(lambda v: 255 if v > 40 else 0)
+    assert changed.crop((0, 0, 110, 100)).getbbox() is not None  # the box is drawn on its side
+    assert changed.crop((120, 0, 200, 100)).getbbox() is None  # and nothing beyond it
 
 
 def test_cli_streams_over_grpc(server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path) -> None:

@@ -276,6 +276,11 @@ async def test_grpc_health_flips_with_readiness(tiny_model_dir: Any) -> None:
                 return int(response.status)
 
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Detect while loading: UNAVAILABLE with a pushback (gRPC's retry policy waits it out).
+            with pytest.raises(grpc.aio.AioRpcError) as loading:
+                await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(1)))
+            assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert dict(loading.value.trailing_metadata() or ())["retry-after"] == "5"
             await runtime.engine.start()
             deadline = time.monotonic() + 5
             while await status() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from rexomni_server.app import create_app
+from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
@@ -226,3 +227,28 @@ async def test_line_wrapped_base64_is_accepted(client: httpx.AsyncClient) -> Non
     assert "\n" in wrapped.strip()
     r = await client.post("/v1/detect", json={"image": wrapped, "categories": ["cat"]})
     assert r.status_code == 200, r.text
+
+
+class FailingEngine(ScriptedEngine):
+    """Fails the way a bug would: a plain exception after the generation started."""
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        yield EngineEvent(started=True, prompt_tokens=10)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+async def test_an_engine_failure_is_a_500_with_the_request_id_and_the_server_goes_on() -> None:
+    engine = FailingEngine()
+    await engine.start()
+    app = create_app(runtime=Runtime(Settings(), engine=engine, model_label="failing"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        unary = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
+        assert unary.status_code == 500, unary.text
+        error = unary.json()["error"]
+        assert error["code"] == "engine_failure" and error["request_id"] in error["message"]
+        async with client.stream("POST", "/v1/detect/stream", json={"image": B64, "categories": ["cat"]}) as stream:
+            assert stream.status_code == 200  # accepted: the failure comes as an event
+            body = "".join([chunk async for chunk in stream.aiter_text()])
+        assert "event: error" in body and '"status": 500' in body and "engine_failure" in body
+        health = await client.get("/health")
+        assert health.status_code == 200

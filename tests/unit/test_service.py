@@ -127,11 +127,14 @@ def box_group(label: str, *boxes: tuple[int, int, int, int]) -> str:
 
 
 async def test_scores_are_the_geometric_mean_coordinate_probability() -> None:
-    engine = ScriptedEngine(default_output=OUTPUT, coordinate_logprob=-0.5)
+    # A different log-probability for each of the 12 coordinate tokens (3 boxes of 4).
+    logprobs = [-0.1 * (i + 1) for i in range(12)]
+    engine = ScriptedEngine(default_output=OUTPUT, coordinate_logprob=logprobs)
     await engine.start()
     service = DetectionService(Settings(), engine, "s")
     result = await service.detect(params(), IMAGE)
-    assert [d.score for d in result.detections] == [pytest.approx(math.exp(-0.5))] * 3
+    expected = [math.exp(sum(logprobs[4 * k : 4 * k + 4]) / 4) for k in range(3)]  # each box its own 4
+    assert [d.score for d in result.detections] == [pytest.approx(e) for e in expected]
     unscored = await service.detect(params(options={"scores": False}), IMAGE)
     assert [d.score for d in unscored.detections] == [None] * 3
     assert engine.requests[-1].logprobs is False
@@ -307,3 +310,13 @@ async def test_an_unexpected_failure_is_a_typed_error_with_the_request_id(caplog
     assert isinstance(failure.value.__cause__, RuntimeError)
     assert any(r.exc_info and "req-42" in str(getattr(r, "fields", "")) for r in caplog.records)  # traceback logged
     assert service.in_flight == 0
+
+
+async def test_visual_prompt_boxes_are_binned_against_the_users_image_not_the_resized_one() -> None:
+    service, engine = await make_service()
+    image = image_bytes(640, 480)  # the model sees 644x476
+    request = DetectParams.model_validate(
+        {"task": "visual_prompting", "visual_prompt_boxes": [[320, 240, 640, 480]], "options": {"forced_output": ""}}
+    )
+    await service.detect(request, image)
+    assert '"object_1": ["<499><499><999><999>"]' in engine.requests[-1].task_text

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -107,30 +108,32 @@ async def test_concurrent_requests_run_in_one_batch(vllm_servers: RunningServers
     assert peak >= 4  # the engine had several of our requests in flight at the same step
 
 
+def vllm_metric(runtime: Runtime, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = runtime.engine.metrics_exposition().decode()  # type: ignore[attr-defined]
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
 async def test_disconnect_aborts_in_vllm(vllm_servers: RunningServers, vllm_runtime: Runtime) -> None:
     url = f"http://127.0.0.1:{vllm_servers.http_port}"
+    generated_before = vllm_metric(vllm_runtime, "vllm:generation_tokens_total")
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async with client.stream("POST", "/v1/detect/stream", json=body(forced_boxes(500))) as response:
             async for line in response.aiter_lines():
                 if line.startswith("event: detection"):
                     break
     deadline = time.monotonic() + 20
-    text = ""
+    running = 1.0
     while time.monotonic() < deadline:
-        text = vllm_runtime.engine.metrics_exposition().decode()  # type: ignore[attr-defined]
-        if vllm_runtime.service.in_flight == 0 and "vllm:num_requests_running" in text:
-            from prometheus_client.parser import text_string_to_metric_families
-
-            running = sum(
-                s.value
-                for f in text_string_to_metric_families(text)
-                for s in f.samples
-                if s.name == "vllm:num_requests_running"
-            )
-            if running == 0:
-                break
+        running = vllm_metric(vllm_runtime, "vllm:num_requests_running")
+        if vllm_runtime.service.in_flight == 0 and running == 0:
+            break
         await asyncio.sleep(0.1)
-    assert vllm_runtime.service.in_flight == 0
+    assert vllm_runtime.service.in_flight == 0 and running == 0  # vLLM itself stopped generating
+    await asyncio.sleep(1.0)
+    # 500 boxes are ~3,500 tokens; the aborted request stopped after a small part of them.
+    assert vllm_metric(vllm_runtime, "vllm:generation_tokens_total") - generated_before < 1500
     metrics = vllm_runtime.service.metrics.exposition().decode()
     assert 'status="cancelled"' in metrics
 
@@ -190,8 +193,20 @@ async def test_the_model_sees_our_resize_not_the_processors(
     assert result["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt, add_special_tokens=False))
 
 
-def test_auto_picks_vllm_where_it_is_usable() -> None:
+def test_auto_picks_vllm_where_it_is_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     from rexomni_server.runtime import choose_engine_name
     from rexomni_server.settings import Settings
 
     assert choose_engine_name(Settings(engine="auto")) == "vllm"
+    # Installed but with no device to run on (a CUDA build on a machine without a GPU).
+    monkeypatch.setattr("rexomni_server.engines.vllm.vllm_usable", lambda: False)
+    assert choose_engine_name(Settings(engine="auto")) == "transformers"
+
+
+def test_a_device_setting_is_refused_for_vllm(tiny_model_dir: Path) -> None:
+    from rexomni_server.errors import InvalidRequest
+    from rexomni_server.runtime import build_engine
+    from rexomni_server.settings import Settings
+
+    with pytest.raises(InvalidRequest, match="CUDA_VISIBLE_DEVICES"):
+        build_engine(Settings(engine="vllm", device="cuda:1"), str(tiny_model_dir))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.errors import EngineNotReady
@@ -29,13 +29,17 @@ class ScriptedEngine:
         default_output: str = "",
         token_delay_s: float = 0.0,
         prompt_tokens: int = 100,
-        coordinate_logprob: float | None = None,
+        coordinate_logprob: float | Sequence[float] | None = None,
         concurrent_batching: bool = False,
     ) -> None:
         self.concurrent_batching = concurrent_batching
         self.supports_priority = False
         self._default = default_output
-        self._coordinate_logprob = coordinate_logprob
+        # One value for every coordinate token, or one per coordinate token in turn (cycled).
+        if coordinate_logprob is None or isinstance(coordinate_logprob, float):
+            self._coordinate_logprobs: Sequence[float] = () if coordinate_logprob is None else (coordinate_logprob,)
+        else:
+            self._coordinate_logprobs = coordinate_logprob
         self._delay = token_delay_s
         self._prompt_tokens = prompt_tokens
         self._ready = False
@@ -63,6 +67,7 @@ class ScriptedEngine:
         pieces = split_like_tokens(text)
         budget = request.sampling.max_new_tokens
         yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
+        coordinates = 0
         for piece in pieces[:budget]:
             if request.request_id in self._aborted:
                 yield EngineEvent(finish_reason="abort")
@@ -70,7 +75,9 @@ class ScriptedEngine:
             if self._delay:
                 await asyncio.sleep(self._delay)
             is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
-            logprob = self._coordinate_logprob
-            logprobs = (logprob,) if is_coordinate and request.logprobs and logprob is not None else ()
+            logprobs: tuple[float, ...] = ()
+            if is_coordinate and request.logprobs and self._coordinate_logprobs:
+                logprobs = (self._coordinate_logprobs[coordinates % len(self._coordinate_logprobs)],)
+            coordinates += is_coordinate
             yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
         yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")
