@@ -189,6 +189,20 @@ def _stream_until_done(url: str, forced: str, first: threading.Event) -> list[st
     return events
 
 
+def _grpc_stream_until_done(target: str, forced: str, first: threading.Event) -> list[str]:
+    """The kinds of the items of one gRPC DetectStream; sets ``first`` at the first detection."""
+    kinds = []
+    try:
+        with RexOmniGrpcClient(target, timeout=60, retries=0) as client:
+            for item in client.detect_stream(image_bytes(64, 48), "detection", ["cat"], forced_output=forced):
+                kinds.append("done" if hasattr(item, "detections") else "detection")
+                first.set()
+    except grpc.RpcError:
+        kinds.append("connection-lost")
+    first.set()
+    return kinds
+
+
 @pytest.mark.parametrize(("drain_s", "boxes", "finishes"), [("30", 60, True), ("0.2", 800, False)])
 def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
     tiny_model_dir: Path, drain_s: str, boxes: int, finishes: bool
@@ -197,10 +211,11 @@ def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
     forced += ", ".join(f"<{i}><{i}><{i + 9}><{i + 9}>" for i in range(boxes)) + "<|box_end|>"
     args = ["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"]
     for url, proc, health in serve(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
-        first = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first, grpc_first = threading.Event(), threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             streamed = pool.submit(_stream_until_done, url, forced, first)
-            assert first.wait(60)
+            grpc_streamed = pool.submit(_grpc_stream_until_done, str(health["grpc_target"]), forced, grpc_first)
+            assert first.wait(60) and grpc_first.wait(60)
             sent = time.monotonic()
             proc.terminate()  # SIGTERM while the answer is being generated
             if finishes:  # while HTTP drains, gRPC has stopped accepting too (both stop at once)
@@ -211,14 +226,16 @@ def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
                 assert not streamed.done()  # ...and the HTTP stream is still being answered
             events = streamed.result(timeout=90)
+            grpc_events = grpc_streamed.result(timeout=90)
             assert proc.wait(timeout=60) == 0
             took = time.monotonic() - sent
         with pytest.raises(httpx.TransportError):  # no longer accepting
             httpx.get(f"{url}/health", timeout=2)
-        if finishes:
+        if finishes:  # both streams, SSE and gRPC, were answered to the end
             assert events.count("detection") == boxes and events[-1] == "done"
+            assert grpc_events.count("detection") == boxes and grpc_events[-1] == "done"
         else:  # cut at the drain timeout, long before the 800 boxes (~15 s of work) were written
-            assert "done" not in events and took < 10
+            assert "done" not in events and "done" not in grpc_events and took < 10
 
 
 @pytest.mark.parametrize("taken_flag", ["--port", "--grpc-port"])
