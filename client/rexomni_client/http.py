@@ -191,10 +191,29 @@ def _stream_event(event: str, data: str, response: httpx.Response) -> DetectionM
     )
 
 
-def _stream_broke(response: httpx.Response, why: str) -> RexOmniHTTPError:
-    """An accepted stream that ended without its result: the server stopped or the connection
-    dropped. The detections already yielded are complete but the answer may not be."""
-    return RexOmniHTTPError(502, "stream_incomplete", why, response.headers.get(REQUEST_ID_HEADER))
+class _AcceptedStream:
+    """The events of an accepted SSE stream, for both clients. A stream that ends without its
+    result (the server stopped, the connection dropped) raises ``stream_incomplete``: the
+    detections already yielded are complete, but the answer may not be."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._finished = False
+
+    def item(self, event: str, data: str) -> DetectionModel | DetectResult:
+        item = _stream_event(event, data, self._response)
+        self._finished = isinstance(item, DetectResult)
+        return item
+
+    def broke(self, exc: Exception) -> RexOmniHTTPError:
+        return self._incomplete(f"the connection broke off: {exc}")
+
+    def end(self) -> None:
+        if not self._finished:
+            raise self._incomplete("the server ended the stream before its result")
+
+    def _incomplete(self, why: str) -> RexOmniHTTPError:
+        return RexOmniHTTPError(502, "stream_incomplete", why, self._response.headers.get(REQUEST_ID_HEADER))
 
 
 class RexOmniClient(_HTTPClientBase):
@@ -239,16 +258,13 @@ class RexOmniClient(_HTTPClientBase):
                             time.sleep(wait)
                             continue
                         _result(response)
-                    finished = False
+                    stream = _AcceptedStream(response)
                     try:
                         for sse in source.iter_sse():
-                            item = _stream_event(sse.event, sse.data, response)
-                            finished = isinstance(item, DetectResult)
-                            yield item
+                            yield stream.item(sse.event, sse.data)
                     except httpx.TransportError as exc:
-                        raise _stream_broke(response, f"the connection broke off: {exc}") from exc
-                    if not finished:
-                        raise _stream_broke(response, "the server ended the stream before its result")
+                        raise stream.broke(exc) from exc
+                    stream.end()
                     return
             except RESENDABLE_ERRORS:  # before any response: safe to send again
                 if attempt == self._retries:
@@ -308,16 +324,13 @@ class AsyncRexOmniClient(_HTTPClientBase):
                             await asyncio.sleep(wait)
                             continue
                         _result(response)
-                    finished = False
+                    stream = _AcceptedStream(response)
                     try:
                         async for sse in source.aiter_sse():
-                            item = _stream_event(sse.event, sse.data, response)
-                            finished = isinstance(item, DetectResult)
-                            yield item
+                            yield stream.item(sse.event, sse.data)
                     except httpx.TransportError as exc:
-                        raise _stream_broke(response, f"the connection broke off: {exc}") from exc
-                    if not finished:
-                        raise _stream_broke(response, "the server ended the stream before its result")
+                        raise stream.broke(exc) from exc
+                    stream.end()
                     return
             except RESENDABLE_ERRORS:  # before any response: safe to send again
                 if attempt == self._retries:
