@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=field.description)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=field.description)
         else:
             group.add_argument(flag, dest=name, metavar=name.upper(), help=field.description)
 
