@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import aconnect_sse, connect_sse
+from httpx_sse import SSEError, aconnect_sse, connect_sse
 from pydantic import TypeAdapter, ValidationError
 
 from rexomni_server.schemas import (
@@ -205,6 +205,10 @@ class _AcceptedStream:
         self._finished = isinstance(item, DetectResult)
         return item
 
+    def not_events(self, exc: Exception) -> RexOmniHTTPError:
+        rid = self._response.headers.get(REQUEST_ID_HEADER)
+        return RexOmniHTTPError(self._response.status_code, "bad_response", f"not an event stream: {exc}", rid)
+
     def broke(self, exc: Exception) -> RexOmniHTTPError:
         return self._incomplete(f"the connection broke off: {exc}")
 
@@ -262,6 +266,8 @@ class RexOmniClient(_HTTPClientBase):
                     try:
                         for sse in source.iter_sse():
                             yield stream.item(sse.event, sse.data)
+                    except SSEError as exc:  # a 200 that is not an event stream (a proxy's page)
+                        raise stream.not_events(exc) from exc
                     except httpx.TransportError as exc:
                         raise stream.broke(exc) from exc
                     stream.end()
@@ -328,6 +334,8 @@ class AsyncRexOmniClient(_HTTPClientBase):
                     try:
                         async for sse in source.aiter_sse():
                             yield stream.item(sse.event, sse.data)
+                    except SSEError as exc:  # a 200 that is not an event stream (a proxy's page)
+                        raise stream.not_events(exc) from exc
                     except httpx.TransportError as exc:
                         raise stream.broke(exc) from exc
                     stream.end()

@@ -49,7 +49,9 @@ def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
 
+    from rexomni_server.engines.loading import loads_still_running
     from rexomni_server.logs import configure_logging
     from rexomni_server.serve import serve
     from rexomni_server.settings import Settings, unknown_env_settings
@@ -65,12 +67,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "or REXOMNI_API_KEYS_FILE"
         )
     configure_logging(settings.log_level)
+    status = 0
     try:
         asyncio.run(serve(settings))
     except OSError as exc:  # a port taken, a certificate unreadable
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if loads_still_running():
+        # Stopped while the model loaded: the load runs on in its thread, inside torch. The
+        # interpreter's normal teardown under it can abort the process, so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ def model_reachable(model: str, timeout_s: float = 5.0) -> bool:
 def choose_engine_name(settings: Settings) -> str:
     if settings.engine != "auto":
         return settings.engine
+    if settings.device != "auto":  # a device to run on is a transformers setting: vLLM takes them all
+        return "transformers"
     if importlib.util.find_spec("vllm") is not None:
         from rexomni_server.engines.vllm import vllm_usable
 

@@ -193,6 +193,14 @@ async def test_cli_refuses_bad_arguments_before_any_request(
     assert status == 2 and expected in capsys.readouterr().err and fake.requests == 0
 
 
+async def test_a_stream_answer_that_is_not_an_event_stream_is_a_bad_response(fake: ScriptedHTTPServer) -> None:
+    fake.answers = [http(200, b"<html>login</html>", "text/html")]
+    for call in sync_and_async(fake):
+        with pytest.raises(RexOmniHTTPError) as wrong:
+            await call()  # type: ignore[misc]
+        assert wrong.value.code == "bad_response" and wrong.value.status == 200
+
+
 async def test_a_newer_servers_extra_fields_are_ignored(fake: ScriptedHTTPServer) -> None:
     newer = {**RESULT, "added_later": {"x": 1}, "detections": [{**DETECTION, "mask": "rle..."}]}
     fake.answers = [http(200, json.dumps(newer).encode())]

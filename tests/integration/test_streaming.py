@@ -233,7 +233,10 @@ async def test_grpc_refusals_that_happen_before_our_code_are_invalid_argument(
     (gRPC's own size check would say RESOURCE_EXHAUSTED, which clients retry as "queue full")."""
     _, target = live_servers
     not_utf8 = pb.DetectRequest(image=PNG).SerializeToString() + bytes([3 << 3 | 2, 2, 0xFF, 0xFE])
-    too_large = pb.DetectRequest(image=b"\0" * (tiny_runtime.settings.max_image_bytes + 1), categories=["person"])
+    # Twice the image limit and more (gRPC's own limit used to sit just above that).
+    too_large = pb.DetectRequest(
+        image=b"\0" * (2 * tiny_runtime.settings.max_image_bytes + (2 << 20)), categories=["person"]
+    )
     async with grpc.aio.insecure_channel(target) as channel:
         raw = channel.unary_unary("/rexomni.v1.Detector/Detect", response_deserializer=pb.DetectResponse.FromString)
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -102,6 +102,7 @@ def test_an_image_with_only_crowd_regions_is_left_out_unless_the_model_errs_outs
     assert summary.by_key["0.50"] == Metric(0.0, 0.0, 0.0)
     stray = score_boxes(crowd_only, [Prediction("person", box=(300, 300, 310, 310))])
     assert stray.precision_recall("0.50") == (0.0, 0.0)  # a false positive still counts
+    assert "0.50" not in summarize([excused]).by_key  # only left-out images: no figure, not a zero
     points = score_points(crowd_only, [Prediction("person", point=(5, 5))])
     assert points.precision_recall(POINT_KEY) is None
     assert score_boxes([], []).precision_recall("0.50") == (1.0, 1.0)  # nothing there, nothing said

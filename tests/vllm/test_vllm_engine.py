@@ -198,6 +198,7 @@ def test_auto_picks_vllm_where_it_is_usable(monkeypatch: pytest.MonkeyPatch) -> 
     from rexomni_server.settings import Settings
 
     assert choose_engine_name(Settings(engine="auto")) == "vllm"
+    assert choose_engine_name(Settings(engine="auto", device="cpu")) == "transformers"  # a device: not vLLM's
     # Installed but with no device to run on (a CUDA build on a machine without a GPU).
     monkeypatch.setattr("rexomni_server.engines.vllm.vllm_usable", lambda: False)
     assert choose_engine_name(Settings(engine="auto")) == "transformers"

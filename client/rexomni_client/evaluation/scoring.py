@@ -371,8 +371,10 @@ def summarize(scores: Sequence[SampleScore]) -> Summary:
     by_key: dict[str, Metric] = {}
     for key in scores[0].matches:
         pairs = [pair for s in scores if (pair := s.precision_recall(key)) is not None]
-        precision = sum(p for p, _ in pairs) / len(pairs) if pairs else 0.0
-        recall = sum(r for _, r in pairs) / len(pairs) if pairs else 0.0
+        if not pairs:  # every image left out (only crowd regions): nothing to say, not a zero
+            continue
+        precision = sum(p for p, _ in pairs) / len(pairs)
+        recall = sum(r for _, r in pairs) / len(pairs)
         by_key[key] = Metric(precision, recall, _f1(precision, recall))
     iou_metrics = [by_key[iou_key(t)] for t in IOU_THRESHOLDS if iou_key(t) in by_key]
     mean = None

@@ -14,6 +14,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+_started: list[threading.Thread] = []
+
+
+def loads_still_running() -> bool:
+    """A load abandoned mid-way is still running (a process that ends now must not run the
+    interpreter's teardown under it: torch's native code would abort the process)."""
+    _started[:] = [thread for thread in _started if thread.is_alive()]
+    return bool(_started)
 
 
 async def run_abandonable(fn: Callable[[], T], name: str) -> T:
@@ -41,5 +49,7 @@ async def run_abandonable(fn: Callable[[], T], name: str) -> T:
         else:
             deliver(functools.partial(settle_result, value))
 
-    threading.Thread(target=target, name=name, daemon=True).start()
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    _started.append(thread)
+    thread.start()
     return await future

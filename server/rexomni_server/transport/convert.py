@@ -20,6 +20,11 @@ from rexomni_server.schemas import (
 )
 from rexomni_server.tasks import Task
 
+# The largest message the Python gRPC clients send (and receive) by default. The server reads
+# messages at least this large, so an image over its limit gets our INVALID_ARGUMENT instead of
+# gRPC's own RESOURCE_EXHAUSTED, which clients take for "queue full" and send again.
+CLIENT_MAX_MESSAGE_BYTES = 64 << 20
+
 _TASK_TO_PB = {task: pb.Task.Value(f"TASK_{task.value.upper()}") for task in Task}
 _PB_TO_TASK = {value: task for task, value in _TASK_TO_PB.items()}
 

@@ -31,7 +31,12 @@ from rexomni_server.errors import (
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import validation_summary
 from rexomni_server.service import AcceptedEvent, DetectionEvent, DoneEvent, new_request_id
-from rexomni_server.transport.convert import detection_to_pb, params_from_pb, result_to_pb
+from rexomni_server.transport.convert import (
+    CLIENT_MAX_MESSAGE_BYTES,
+    detection_to_pb,
+    params_from_pb,
+    result_to_pb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,6 @@ REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = "rexomni.v1.Detector"
 # Headroom over the largest accepted image for the rest of the request message.
 MESSAGE_OVERHEAD_BYTES = 1 << 20
-# gRPC itself refuses a larger message with RESOURCE_EXHAUSTED, which clients take for "queue
-# full" and retry. So it accepts twice the image limit, and an image over the limit gets our
-# INVALID_ARGUMENT (image_too_large), which nobody retries.
-RECEIVE_LIMIT_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ class GrpcServer:
 
     def __init__(self, runtime: Runtime, host: str, port: int) -> None:
         self._runtime = runtime
-        max_receive = RECEIVE_LIMIT_FACTOR * runtime.settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES
+        # Beyond this gRPC itself answers RESOURCE_EXHAUSTED, which clients retry as "queue full":
+        # so at least what our clients send, and an image over our limit gets INVALID_ARGUMENT.
+        max_receive = max(runtime.settings.max_image_bytes, CLIENT_MAX_MESSAGE_BYTES) + MESSAGE_OVERHEAD_BYTES
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive),
