@@ -73,6 +73,15 @@ async def test_cli_scores_a_live_server(
     assert "error" in records["3"]
 
 
+async def test_cli_limit_evaluates_the_first_images_only(live_servers: tuple[str, str], tmp_path: Path) -> None:
+    url, _ = live_servers
+    data, report = dataset(tmp_path), tmp_path / "limited.json"
+    args = ["--url", url, "evaluate", str(data), "--limit", "2", "--report", str(report)]
+    assert await asyncio.to_thread(main, [*args, "--options", json.dumps({"forced_output": FORCED})]) == 0
+    metrics = json.loads(report.read_text())
+    assert metrics["samples"] == metrics["scored"] == 2 and metrics["failed"] == {}  # not the missing third
+
+
 async def test_cli_visual_prompting_on_a_live_server(
     live_servers: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

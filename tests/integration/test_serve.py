@@ -167,9 +167,12 @@ def test_one_structured_log_line_per_request(
 
 def test_offline_fallback_serves_the_labelled_tiny_model(tiny_model_dir: Path) -> None:
     env = {"REXOMNI_TINY_MODEL_DIR": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
-    for _, _, health in serve(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
+    for url, _, health in serve(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
         assert health["random_weights"] is True
         assert "RANDOM WEIGHTS" in str(health["model"])
+        with RexOmniClient(url) as client:  # and every result says so too
+            result = client.detect(image_bytes(64, 48), "detection", ["cat"], max_new_tokens=4)
+        assert "RANDOM WEIGHTS" in result.model
 
 
 def _stream_until_done(url: str, forced: str, first: threading.Event) -> list[str]:

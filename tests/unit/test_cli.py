@@ -99,3 +99,14 @@ def test_auto_engine_falls_back_to_transformers_without_vllm() -> None:
     expected = "transformers" if importlib.util.find_spec("vllm") is None else "vllm"
     assert choose_engine_name(Settings(engine="auto")) == expected
     assert choose_engine_name(Settings(engine="scripted")) == "scripted"
+
+
+def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
+    assert "RANDOM-WEIGHT" in capsys.readouterr().out
+    config = AutoConfig.from_pretrained(tmp_path / "tiny")
+    assert config.model_type == "qwen2_5_vl"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    assert tokenizer.convert_tokens_to_ids("<999>") != tokenizer.unk_token_id  # the coordinate tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 
@@ -252,3 +253,36 @@ async def test_an_engine_failure_is_a_500_with_the_request_id_and_the_server_goe
         assert "event: error" in body and '"status": 500' in body and "engine_failure" in body
         health = await client.get("/health")
         assert health.status_code == 200
+
+
+class UnloadableEngine(ScriptedEngine):
+    async def start(self) -> None:
+        raise FileNotFoundError("no checkpoint at /models/missing")
+
+
+async def test_a_model_that_fails_to_load_is_reported_not_hidden() -> None:
+    runtime = Runtime(Settings(), engine=UnloadableEngine(), model_label="missing")
+    runtime.start_background()
+    await asyncio.sleep(0.05)  # the background start has failed by now
+    app = create_app(runtime=runtime)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        health = (await client.get("/health")).json()
+        ready = await client.get("/ready")
+        detect = await client.post("/v1/detect", json={"image": B64, "categories": ["cat"]})
+    assert health["ready"] is False and "FileNotFoundError: no checkpoint" in health["error"]
+    assert ready.status_code == 503 and "no checkpoint" in ready.json()["error"]
+    assert detect.status_code == 503 and detect.json()["error"]["code"] == "engine_not_ready"
+
+
+async def test_sse_sends_keep_alive_comments_while_the_model_thinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rexomni_server.transport.http as http_transport
+
+    monkeypatch.setattr(http_transport, "SSE_PING_S", 0.1)
+    engine = ScriptedEngine(default_output=OUTPUT, token_delay_s=0.05)  # ~2 s of output
+    await engine.start()
+    app = create_app(runtime=Runtime(Settings(), engine=engine, model_label="slow"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with client.stream("POST", "/v1/detect/stream", json={"image": B64, "categories": ["cat"]}) as stream:
+            lines = [line async for line in stream.aiter_lines()]
+    assert any(line.startswith(":") for line in lines)  # comments: ignored by SSE clients, keep proxies open
+    assert "event: done" in lines
