@@ -39,6 +39,16 @@ async def one_slot() -> AsyncIterator[tuple[str, str]]:
     await runtime.stop()
 
 
+async def slot_taken(url: str) -> None:
+    """Until the server says its only slot is held (rather than sleeping and hoping)."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(500):
+            if "rexomni_in_flight_requests 1.0" in (await client.get("/metrics")).text:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("the first request never took the slot")
+
+
 def test_retry_wait_follows_retry_after_and_gives_up_on_longer_waits() -> None:
     def response(headers: dict[str, str], status: int = 429) -> httpx.Response:
         return httpx.Response(status, headers=headers)
@@ -57,7 +67,7 @@ async def test_async_client_waits_out_a_full_queue(one_slot: tuple[str, str]) ->
     url, _ = one_slot
     async with AsyncRexOmniClient(url, retries=0) as impatient, AsyncRexOmniClient(url) as patient:
         first = asyncio.create_task(patient.detect(PNG, "detection", ["cat"]))
-        await asyncio.sleep(0.15)  # the first request now holds the only slot
+        await slot_taken(url)  # the first request now holds the only slot
         with pytest.raises(RexOmniHTTPError) as refused:
             await impatient.detect(PNG, "detection", ["cat"])
         assert refused.value.status == 429
@@ -81,7 +91,7 @@ async def test_sync_client_retries_unary_and_streams(one_slot: tuple[str, str]) 
     async with AsyncRexOmniClient(url) as holder:
         for call in ("detect", "stream"):
             first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
-            await asyncio.sleep(0.15)
+            await slot_taken(url)
             result = await asyncio.to_thread(busy_then, call)
             await first
             detections = result.detections if isinstance(result, DetectResult) else result[-1].detections  # type: ignore[index, union-attr]
@@ -96,7 +106,7 @@ async def test_grpc_clients_follow_the_servers_pushback(one_slot: tuple[str, str
         AsyncRexOmniGrpcClient(target) as patient,
     ):
         first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
-        await asyncio.sleep(0.15)
+        await slot_taken(url)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await impatient.detect(PNG, "detection", ["cat"])
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -107,7 +117,7 @@ async def test_grpc_clients_follow_the_servers_pushback(one_slot: tuple[str, str
         second = await patient.detect(BIG_PNG, "detection", ["cat"])
         assert [d.label for d in (await first).detections] == [d.label for d in second.detections] == ["cat"]
         first = asyncio.create_task(holder.detect(PNG, "detection", ["cat"]))
-        await asyncio.sleep(0.15)
+        await slot_taken(url)
         streamed = [item async for item in patient.detect_stream(PNG, "detection", ["cat"])]
         await first
         assert isinstance(streamed[-1], DetectResult) and [d.label for d in streamed[-1].detections] == ["cat"]
