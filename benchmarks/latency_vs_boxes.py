@@ -48,11 +48,15 @@ PATHS = ("engine", "http", "grpc")
 Sample = dict[str, float]
 
 
-def sample(start: float, first: float | None, tokens: int, prompt: int, finish_reason: str) -> Sample:
-    total = time.perf_counter() - start
-    first_s = (first or start + total) - start  # no detection: the whole request
+def as_sample(first_s: float, total_s: float, tokens: int, prompt: int, finish_reason: str) -> Sample:
     cut = float(finish_reason == "length")
-    return {"first": first_s, "total": total, "tokens": tokens, "prompt": prompt, "cut": cut}
+    return {"first": first_s, "total": total_s, "tokens": tokens, "prompt": prompt, "cut": cut}
+
+
+def timed_sample(start: float, first: float | None, tokens: int, prompt: int, finish_reason: str) -> Sample:
+    """A request that began at ``start`` and ends now; ``first``: its first detection, if any."""
+    total = time.perf_counter() - start
+    return as_sample((first or start + total) - start, total, tokens, prompt, finish_reason)
 
 
 async def engine_once(bench: Bench, image: bytes, forced: str) -> Sample:
@@ -76,13 +80,12 @@ async def engine_once(bench: Bench, image: bytes, forced: str) -> Sample:
         finish = event.finish_reason or finish
         if event.text and parser.feed(event.text) and first is None:
             first = time.perf_counter()
-    return sample(start, first, tokens, prompt, finish)
+    return timed_sample(start, first, tokens, prompt, finish)
 
 
 async def http_once(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
-    start = time.perf_counter()
     t = await sse_detect(client, body)
-    return {**sample(start, start + t.first, t.tokens, t.prompt_tokens, t.finish_reason), "total": t.total}
+    return as_sample(t.first, t.total, t.tokens, t.prompt_tokens, t.finish_reason)
 
 
 async def grpc_once(stub: Any, request: Any) -> Sample:
@@ -96,7 +99,7 @@ async def grpc_once(stub: Any, request: Any) -> Sample:
         elif event.WhichOneof("event") == "done":
             tokens, prompt = event.done.usage.completion_tokens, event.done.usage.prompt_tokens
             finish = event.done.finish_reason
-    return sample(start, first, tokens, prompt, finish)
+    return timed_sample(start, first, tokens, prompt, finish)
 
 
 def median_sample(samples: list[Sample]) -> Sample:

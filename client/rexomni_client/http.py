@@ -94,6 +94,14 @@ def backoff(attempt: int) -> float:
     return 0.5 * 2.0**attempt
 
 
+def resend_delay(dropped: Exception, attempt: int, retries: int) -> float:
+    """Seconds before sending again a request whose connection dropped; re-raises the error
+    once the retries are used up."""
+    if attempt >= retries:
+        raise dropped
+    return backoff(attempt)
+
+
 def retry_after_s(response: httpx.Response) -> float | None:
     """The response's Retry-After in seconds (a number of seconds or an HTTP date), if any."""
     value = response.headers.get("retry-after")
@@ -229,10 +237,8 @@ class RexOmniClient(_HTTPClientBase):
         for attempt in range(self._retries + 1):
             try:
                 response = self._http.post("/v1/detect", json=body)
-            except RESENDABLE_ERRORS:
-                if attempt == self._retries:
-                    raise
-                time.sleep(backoff(attempt))
+            except RESENDABLE_ERRORS as exc:
+                time.sleep(resend_delay(exc, attempt, self._retries))
                 continue
             wait = retry_wait(response, attempt, self._retries)
             if wait is None:
@@ -272,10 +278,8 @@ class RexOmniClient(_HTTPClientBase):
                         raise stream.broke(exc) from exc
                     stream.end()
                     return
-            except RESENDABLE_ERRORS:  # before any response: safe to send again
-                if attempt == self._retries:
-                    raise
-                time.sleep(backoff(attempt))
+            except RESENDABLE_ERRORS as exc:  # before any response: safe to send again
+                time.sleep(resend_delay(exc, attempt, self._retries))
 
     def close(self) -> None:
         self._http.close()
@@ -295,10 +299,8 @@ class AsyncRexOmniClient(_HTTPClientBase):
         for attempt in range(self._retries + 1):
             try:
                 response = await self._http.post("/v1/detect", json=body)
-            except RESENDABLE_ERRORS:
-                if attempt == self._retries:
-                    raise
-                await asyncio.sleep(backoff(attempt))
+            except RESENDABLE_ERRORS as exc:
+                await asyncio.sleep(resend_delay(exc, attempt, self._retries))
                 continue
             wait = retry_wait(response, attempt, self._retries)
             if wait is None:
@@ -340,10 +342,8 @@ class AsyncRexOmniClient(_HTTPClientBase):
                         raise stream.broke(exc) from exc
                     stream.end()
                     return
-            except RESENDABLE_ERRORS:  # before any response: safe to send again
-                if attempt == self._retries:
-                    raise
-                await asyncio.sleep(backoff(attempt))
+            except RESENDABLE_ERRORS as exc:  # before any response: safe to send again
+                await asyncio.sleep(resend_delay(exc, attempt, self._retries))
 
     async def aclose(self) -> None:
         await self._http.aclose()

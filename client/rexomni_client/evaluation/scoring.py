@@ -290,8 +290,7 @@ def score_boxes(
             )
             matched[key] += len(used)
             counted[key] += len(boxes) - excused
-    crowd_count = sum(t.crowd for t in truths)
-    return SampleScore(len(truths) - crowd_count, counted, matched, ignored=crowd_count)
+    return _crowds_ignored(truths, counted, matched)
 
 
 def score_points(
@@ -305,8 +304,13 @@ def score_points(
         excused = sum(1 for i, (x, y) in enumerate(points) if i not in used and any(c.contains(x, y) for c in crowds))
         matched += len(used)
         counted += len(points) - excused
-    crowd_count = sum(t.crowd for t in truths)
-    return SampleScore(len(truths) - crowd_count, {POINT_KEY: counted}, {POINT_KEY: matched}, ignored=crowd_count)
+    return _crowds_ignored(truths, {POINT_KEY: counted}, {POINT_KEY: matched})
+
+
+def _crowds_ignored(truths: Sequence[Truth], counted: Mapping[str, int], matched: Mapping[str, int]) -> SampleScore:
+    """The image's score, its crowd regions counted as neither truth nor error."""
+    crowds = sum(t.crowd for t in truths)
+    return SampleScore(len(truths) - crowds, counted, matched, ignored=crowds)
 
 
 def score_gui(truths: Sequence[Truth], predictions: Sequence[Prediction]) -> SampleScore:
