@@ -75,8 +75,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             width, height = image.size
             # Checked on the header, before any pixel is decoded: this is the bomb guard.
             _check_size(width, height, limits)
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+            # An animated GIF/WebP/TIFF opens at its first frame, the one used. Asking for
+            # n_frames or seeking would walk every frame (a GIF reads them all to count them).
             image.load()
             image = _upright(image)
             return _to_rgb(image)

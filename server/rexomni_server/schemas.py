@@ -6,18 +6,48 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from rexomni_server.tasks import KEYPOINT_SETS, Task
 
-MAX_CATEGORIES = 64
-MAX_CATEGORY_CHARS = 256
+# Every limit below is declared where pydantic enforces it while parsing, so hostile input is
+# refused after at most limit + 1 items instead of after validating (and cleaning) all of them.
+MAX_CATEGORIES = 64  # distinct categories, after blanks and repeats are dropped
+# Entries of the list as sent, blanks and repeats included: room for a client's duplicates
+# (dropped before MAX_CATEGORIES counts) without validating an unbounded list.
+MAX_CATEGORY_ENTRIES = 4 * MAX_CATEGORIES
+MAX_CATEGORY_CHARS = 256  # per category, surrounding whitespace not counted
+# A comma-separated string is refused by its length before it is split: MAX_CATEGORY_ENTRIES
+# entries of MAX_CATEGORY_CHARS characters and their commas fit, so only whitespace padding
+# beyond that could be refused where a list would pass.
+MAX_CATEGORIES_STRING_CHARS = MAX_CATEGORY_ENTRIES * (MAX_CATEGORY_CHARS + 1)
 MAX_VISUAL_PROMPT_BOXES = 64
+# A 400-box answer is about 25k characters; no generation budget needs ten times that.
+MAX_FORCED_OUTPUT_CHARS = 262_144
 # Every HTTP response carries the request's id in this header (the client's own, if it sent one).
 REQUEST_ID_HEADER = "X-Request-ID"
 
 XY = Annotated[list[float], Field(min_length=2, max_length=2)]
 XYXY = Annotated[list[float], Field(min_length=4, max_length=4)]
+
+
+def _stripped(value: object) -> object:
+    """Surrounding whitespace is no part of a category, nor of its length. Python's strip, not
+    pydantic's strip_whitespace: that one leaves U+001C..U+001F, which str.strip removes."""
+    return value.strip() if isinstance(value, str) else value
+
+
+# The last annotation runs first: stripped, then held to its length.
+Category = Annotated[str, StringConstraints(max_length=MAX_CATEGORY_CHARS), BeforeValidator(_stripped)]
 
 
 class _Strict(BaseModel):
@@ -109,6 +139,7 @@ class DetectOptions(_Strict):
     )
     forced_output: str | None = Field(
         default=None,
+        max_length=MAX_FORCED_OUTPUT_CHARS,
         description="Testing/benchmarking only: the raw output the model is forced to write. "
         "Rejected unless the server enables forced outputs.",
     )
@@ -118,14 +149,21 @@ class DetectParams(_Strict):
     """Everything about a request except the image (shared by JSON, multipart and gRPC)."""
 
     task: Task = Task.DETECTION
-    categories: list[str] = Field(
-        default_factory=list, description="Phrases to find; a comma-separated string is accepted."
+    categories: list[Category] = Field(
+        default_factory=list,
+        max_length=MAX_CATEGORY_ENTRIES,
+        description=f"Phrases to find; a comma-separated string (at most {MAX_CATEGORIES_STRING_CHARS} "
+        f"characters) is accepted. Blanks and repeats (ignoring case) are dropped: at most "
+        f"{MAX_CATEGORY_ENTRIES} entries as sent, {MAX_CATEGORIES} distinct ones, each at most "
+        f"{MAX_CATEGORY_CHARS} characters.",
     )
     keypoint_type: Literal["person", "animal"] | None = Field(
         default=None, description="Keypoint set for task=keypoint (default: the category name)."
     )
     visual_prompt_boxes: list[XYXY] | None = Field(
-        default=None, description="Reference boxes [x0, y0, x1, y1] in original-image pixels."
+        default=None,
+        max_length=MAX_VISUAL_PROMPT_BOXES,
+        description="Reference boxes [x0, y0, x1, y1] in original-image pixels.",
     )
     options: DetectOptions = Field(default_factory=DetectOptions)
 
@@ -133,26 +171,31 @@ class DetectParams(_Strict):
     @classmethod
     def _split_categories(cls, value: object) -> object:
         if isinstance(value, str):
+            if len(value) > MAX_CATEGORIES_STRING_CHARS:
+                # Refused whole: splitting a huge string would build the huge list pydantic's
+                # own limit is there to avoid.
+                raise PydanticCustomError(
+                    "string_too_long",
+                    "a comma-separated string of categories may have at most {max_length} characters",
+                    {"max_length": MAX_CATEGORIES_STRING_CHARS},
+                )
             return value.split(",")
         return value
 
     @field_validator("categories")
     @classmethod
     def _clean_categories(cls, value: list[str]) -> list[str]:
-        # Stripped, empty ones dropped, repeats (ignoring case) dropped: with fan-out a repeated
-        # category would be asked twice and every detection returned twice.
+        # Empty ones (already stripped) dropped, repeats (ignoring case) dropped: with fan-out a
+        # repeated category would be asked twice and every detection returned twice.
         seen: set[str] = set()
         cleaned = []
-        for raw in value:
-            category = raw.strip()
+        for category in value:
             if category and category.casefold() not in seen:
                 seen.add(category.casefold())
                 cleaned.append(category)
         if len(cleaned) > MAX_CATEGORIES:
-            raise ValueError(f"at most {MAX_CATEGORIES} categories per request")
+            raise ValueError(f"at most {MAX_CATEGORIES} distinct categories per request")
         for category in cleaned:
-            if len(category) > MAX_CATEGORY_CHARS:
-                raise ValueError(f"a category is longer than {MAX_CATEGORY_CHARS} characters")
             if "<|" in category or "|>" in category:
                 raise ValueError("categories may not contain special-token markers '<|' or '|>'")
         return cleaned
@@ -162,8 +205,6 @@ class DetectParams(_Strict):
     def _check_boxes(cls, value: list[list[float]] | None) -> list[list[float]] | None:
         if value is None:
             return None
-        if len(value) > MAX_VISUAL_PROMPT_BOXES:
-            raise ValueError(f"at most {MAX_VISUAL_PROMPT_BOXES} visual prompt boxes")
         for x0, y0, x1, y1 in value:
             if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
                 raise ValueError("visual prompt box coordinates must be finite numbers")

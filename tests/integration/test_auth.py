@@ -23,7 +23,7 @@ from rexomni_server.errors import Unauthenticated
 from rexomni_server.runtime import Runtime
 from rexomni_server.serve import start_servers
 from rexomni_server.settings import Settings
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 OUTPUT = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
 PNG = image_bytes(64, 48)

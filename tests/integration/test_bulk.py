@@ -13,7 +13,7 @@ from rexomni_client import AsyncRexOmniClient, detect_many
 from rexomni_client.cli import main
 from rexomni_client.http import RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
 

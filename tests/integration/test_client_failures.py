@@ -14,7 +14,7 @@ import pytest
 from rexomni_client import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError
 from rexomni_client.cli import main
 from rexomni_server.schemas import BoxDetection, DetectResult
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 PNG = image_bytes(32, 32)
 DETECTION = {"label": "cat", "type": "box", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.9}

@@ -17,7 +17,7 @@ from rexomni_client.evaluation.scoring import Metric
 from rexomni_client.http import RexOmniHTTPError
 from rexomni_server.schemas import DetectResult
 from rexomni_server.tasks import Task
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 W, H = 200, 100
 # Every request answers "one cat covering the whole image".

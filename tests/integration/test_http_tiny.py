@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from rexomni_server.runtime import Runtime
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 W, H = 800, 600
 IMAGE = base64.b64encode(image_bytes(W, H, "JPEG")).decode()

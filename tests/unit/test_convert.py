@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server.parsing import Detection
-from rexomni_server.schemas import DetectOptions, DetectParams, DetectResult
+from rexomni_server.schemas import (
+    MAX_CATEGORIES,
+    MAX_CATEGORY_ENTRIES,
+    MAX_VISUAL_PROMPT_BOXES,
+    DetectOptions,
+    DetectParams,
+    DetectResult,
+)
 from rexomni_server.tasks import Geometry, Task
 from rexomni_server.tracking import to_schema
 from rexomni_server.transport.convert import (
@@ -88,6 +98,39 @@ def test_unset_options_stay_unset_and_unspecified_task_is_detection() -> None:
     assert back == params and back.options.max_new_tokens is None
     with pytest.raises(ValueError):
         task_from_pb(99)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"categories": ["a"] * (MAX_CATEGORY_ENTRIES + 1)}, f"categories: at most {MAX_CATEGORY_ENTRIES} items"),
+        (
+            {
+                "task": pb.TASK_VISUAL_PROMPTING,
+                "visual_prompt_boxes": [pb.Box(x0=0, y0=0, x1=1, y1=1)] * (MAX_VISUAL_PROMPT_BOXES + 1),
+            },
+            f"visual_prompt_boxes: at most {MAX_VISUAL_PROMPT_BOXES} items",
+        ),
+    ],
+)
+def test_over_long_repeated_fields_are_refused_before_validation(
+    fields: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> DetectParams:
+        raise AssertionError("an over-long repeated field reached pydantic")
+
+    monkeypatch.setattr(DetectParams, "model_validate", never)
+    with pytest.raises(ValueError, match=message):
+        params_from_pb(pb.DetectRequest(**fields))
+
+
+def test_repeated_fields_at_their_limits_are_accepted() -> None:
+    categories = [f"c{i % MAX_CATEGORIES}" for i in range(MAX_CATEGORY_ENTRIES)]
+    params, _ = params_from_pb(pb.DetectRequest(categories=categories))
+    assert len(params.categories) == MAX_CATEGORIES
+    boxes = [pb.Box(x0=0, y0=0, x1=1, y1=1)] * MAX_VISUAL_PROMPT_BOXES
+    params, _ = params_from_pb(pb.DetectRequest(task=pb.TASK_VISUAL_PROMPTING, visual_prompt_boxes=boxes))
+    assert len(params.visual_prompt_boxes or []) == MAX_VISUAL_PROMPT_BOXES
 
 
 @settings(max_examples=50, deadline=None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import GifImagePlugin, Image, TiffImagePlugin
 
 from rexomni_server.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from rexomni_server.images import (
@@ -21,7 +21,7 @@ from rexomni_server.images import (
     load_and_prepare,
     smart_resize,
 )
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_side=8192, max_pixels=20_000_000)
 MIN_PIXELS, MAX_PIXELS = 16 * 28 * 28, 2560 * 28 * 28
@@ -33,12 +33,27 @@ def test_accepted_formats_decode_to_rgb(fmt: str) -> None:
     assert image.mode == "RGB" and image.size == (320, 200)
 
 
-def test_animated_gif_uses_first_frame() -> None:
-    frames = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
+@pytest.mark.parametrize(
+    ("fmt", "plugin"), [("GIF", GifImagePlugin.GifImageFile), ("TIFF", TiffImagePlugin.TiffImageFile)]
+)
+def test_animated_images_use_the_first_frame_without_walking_the_others(
+    fmt: str, plugin: type[Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = [Image.new("RGB", (40, 30), (255 - i, 0, i)) for i in range(0, 200, 4)]
     buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    requested: list[int] = []
+    seek = plugin._seek  # type: ignore[attr-defined]
+
+    def recording(image: Image.Image, frame: int, *args: object) -> None:
+        requested.append(frame)
+        seek(image, frame, *args)
+
+    monkeypatch.setattr(plugin, "_seek", recording)
     pixel = decode_image(buf.getvalue(), LIMITS).getpixel((5, 5))
     assert isinstance(pixel, tuple) and pixel[0] > 200 and pixel[2] < 50
+    # Counting the frames (n_frames) would have read every one of them.
+    assert set(requested) <= {0}
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -21,7 +21,7 @@ from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
 from rexomni_server.serve import RunningServers
 from rexomni_server.transport.convert import params_to_pb, result_from_pb
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 from tests.unit.test_deploy import dashboard_series
 
 pytestmark = pytest.mark.vllm

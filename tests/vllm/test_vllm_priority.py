@@ -12,7 +12,7 @@ import pytest
 
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 from tests.vllm.conftest import vllm_settings
 from tests.vllm.test_vllm_engine import forced_boxes
 

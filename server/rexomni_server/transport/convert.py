@@ -7,6 +7,8 @@ from typing import Any
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server.schemas import (
+    MAX_CATEGORY_ENTRIES,
+    MAX_VISUAL_PROMPT_BOXES,
     BoxDetection,
     DetectionModel,
     DetectParams,
@@ -20,10 +22,12 @@ from rexomni_server.schemas import (
 )
 from rexomni_server.tasks import Task
 
-# The largest message the Python gRPC clients send (and receive) by default. The server reads
-# messages at least this large, so an image over its limit gets our INVALID_ARGUMENT instead of
-# gRPC's own RESOURCE_EXHAUSTED, which clients take for "queue full" and send again.
+# The largest message the Python gRPC clients send (and receive) by default.
 CLIENT_MAX_MESSAGE_BYTES = 64 << 20
+
+# The schema's limits on repeated fields, checked on the message before any Python list (or
+# pydantic model) is built from an over-long one.
+_REPEATED_LIMITS = {"categories": MAX_CATEGORY_ENTRIES, "visual_prompt_boxes": MAX_VISUAL_PROMPT_BOXES}
 
 _TASK_TO_PB = {task: pb.Task.Value(f"TASK_{task.value.upper()}") for task in Task}
 _PB_TO_TASK = {value: task for task, value in _TASK_TO_PB.items()}
@@ -72,8 +76,16 @@ def params_to_pb(params: DetectParams, image: bytes) -> Any:
     )
 
 
+def _check_repeated_lengths(request: Any) -> None:
+    for name, limit in _REPEATED_LIMITS.items():
+        count = len(getattr(request, name))
+        if count > limit:
+            raise ValueError(f"{name}: at most {limit} items, not {count}")
+
+
 def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
     """Raises pydantic.ValidationError / ValueError on bad input (mapped to INVALID_ARGUMENT)."""
+    _check_repeated_lengths(request)
     o = request.options
     # Validated as part of DetectParams, so errors read "options.x: ..." as they do over HTTP.
     options = dict(
