@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries",
         type=int,
-        help="re-sends of a request refused as overloaded or loading (429/503, RESOURCE_EXHAUSTED/"
+        help="re-sends of a request refused as overloaded or loading (429/503, gRPC "
         "UNAVAILABLE), after the server's Retry-After (default 2; evaluate: 5)",
     )
     parser.add_argument(

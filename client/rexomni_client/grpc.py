@@ -21,9 +21,10 @@ from rexomni_server.transport.convert import (
 
 
 def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, int | str]]:
-    """Message limits, and gRPC's own retry policy for "not now" answers (RESOURCE_EXHAUSTED:
-    queue full; UNAVAILABLE: loading). It waits as long as the server's pushback says and
-    never retries once a response message has arrived, so streams are not replayed."""
+    """Message limits, and gRPC's own retry policy for "not now" answers (UNAVAILABLE: queue
+    full, loading, restarting). It waits as long as the server's pushback says and never
+    retries once a response message has arrived, so streams are not replayed.
+    RESOURCE_EXHAUSTED (a message over the server's limit) is final."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -34,7 +35,7 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, in
             "initialBackoff": "0.5s",
             "maxBackoff": "30s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
         config = {"methodConfig": [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]}
         options += [
@@ -85,8 +86,8 @@ class _GrpcClientBase:
         ca_file: str | Path | None = None,
         retries: int = 2,
     ) -> None:
-        """``retries``: how often a call refused with RESOURCE_EXHAUSTED (queue full) or
-        UNAVAILABLE (loading) is made again, after the server's pushback; 0 raises at once."""
+        """``retries``: how often a call refused with UNAVAILABLE (queue full, loading) is made
+        again, after the server's pushback; 0 raises at once."""
         self._channel = _open_channel(self._api, target, max_message_bytes, retries, tls, ca_file)
         self._stub = pb_grpc.DetectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,14 +11,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rexomni_server import __version__
+from rexomni_server.accounting import RequestRecord, deadline_guard
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER, ApiKeys
-from rexomni_server.errors import ImageTooLarge, Unauthenticated
+from rexomni_server.errors import BodyTimeout, ImageTooLarge, RequestTimeout, RexOmniError, Unauthenticated
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import REQUEST_ID_HEADER
 from rexomni_server.service import new_request_id
 from rexomni_server.settings import Settings
 from rexomni_server.transport.http import (
     DETECT_PATHS,
+    add_request_schemas,
     build_router,
     error_response,
     http_status,
@@ -51,13 +54,70 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class BodyLimitMiddleware:
-    """413 for request bodies over ``max_bytes`` before they are read into memory: by the
-    Content-Length header when there is one, else by counting the streamed chunks."""
+def record_of(scope: Scope) -> RequestRecord | None:
+    """The request's record, where the request scope opened one (detect paths)."""
+    record = scope.get("state", {}).get("record")
+    return record if isinstance(record, RequestRecord) else None
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+async def send_error(scope: Scope, receive: Receive, send: Send, exc: RexOmniError) -> None:
+    """Answer ``exc`` in the documented error body, and put its code on the request's record."""
+    record = record_of(scope)
+    if record is not None:
+        record.fail(exc.code)
+    request_id = scope.get("state", {}).get("request_id")
+    response = error_response(http_status(exc), exc.code, exc.message, request_id, exc.retry_after_s)
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    await response(scope, receive, send)
+
+
+class RequestScopeMiddleware:
+    """One record per detect request, opened before anything can refuse it and closed (logged
+    and counted, once) when the answer is sent; see ``accounting``. It also holds the request
+    to its time budget when the client stops reading an answer (see ``deadline_guard``)."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.ledger = runtime.service.ledger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or route_path(scope) not in DETECT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                status = int(message["status"])
+                if status >= 400 and record.status is None:  # a refusal no handler of ours named
+                    record.fail(f"http_{status}")
+            await send(message)
+
+        with self.ledger.scope(scope["state"]["request_id"], "http") as record:
+            scope["state"]["record"] = record
+            try:
+                async with deadline_guard(record):
+                    await self.app(scope, receive, tracking_send)
+            except TimeoutError:
+                exc = RequestTimeout("the request exceeded its time budget (its client stopped reading)")
+                if started:  # mid-answer: nothing more can be said; the connection is closed
+                    record.fail(exc.code)
+                    return
+                await send_error(scope, receive, send, exc)
+
+
+class BodyGuardMiddleware:
+    """Request bodies: 413 over ``max_bytes`` before they are read into memory (by the
+    Content-Length header when there is one, else by counting the streamed chunks), and 408
+    when the whole body takes longer than ``timeout_s`` to arrive (a slow-body attack)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,34 +125,49 @@ class BodyLimitMiddleware:
             return
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(scope, receive, send)
+            await send_error(scope, receive, send, self._too_large())
             return
         seen = 0
-        rejected = False
+        complete = False
+        refused = False
+        loop = asyncio.get_running_loop()
+        body_deadline = loop.time() + self.timeout_s
 
-        async def counting_receive() -> Message:
-            nonlocal seen, rejected
-            message = await receive()
-            if message["type"] == "http.request" and not rejected:
+        async def guarded_receive() -> Message:
+            nonlocal seen, complete, refused
+            if complete or refused:  # the body is in: what follows is the wait for a disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                refused = True
+                await send_error(
+                    scope, receive, send, BodyTimeout(f"the request body took longer than {self.timeout_s:g} s")
+                )
+                return {"type": "http.disconnect"}  # tells the app the client left, so it stops reading
+            if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
-                    # Answer 413 now and tell the app the client left, so it stops reading.
-                    rejected = True
-                    await self._reject(scope, receive, send)
+                    refused = True
+                    await send_error(scope, receive, send, self._too_large())
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not rejected:  # the 413 already went out
+            if not refused:  # the refusal already went out
                 await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # Refused and answered: the app's own trouble with the body it never got is moot.
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = scope.get("state", {}).get("request_id")
-        message = f"request body is larger than {self.max_bytes} bytes"
-        response = error_response(413, ImageTooLarge.code, message, request_id)
-        await response(scope, receive, send)
+    def _too_large(self) -> ImageTooLarge:
+        return ImageTooLarge(f"request body is larger than {self.max_bytes} bytes")
 
 
 # Open without a key: probes, scrapers and the API's own description. Everything else, present
@@ -113,10 +188,9 @@ class ApiKeyMiddleware:
     """Requests without a valid API key get 401 before their bodies are read (an
     unauthenticated client cannot make the server read megabytes); see OPEN_PATHS."""
 
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app = app
-        self.runtime = runtime
-        self.keys: ApiKeys = runtime.api_keys
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" else ""
@@ -132,32 +206,30 @@ class ApiKeyMiddleware:
         try:
             self.keys.check(header(AUTHORIZATION_HEADER), header(API_KEY_HEADER))
         except Unauthenticated as exc:
-            request_id = scope.get("state", {}).get("request_id") or new_request_id()
-            if path in DETECT_PATHS:  # counted and logged like every refused detection
-                self.runtime.service.record_rejected(request_id, "unknown", "http", exc.code)
-            response = error_response(http_status(exc), exc.code, exc.message, request_id)
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
+            await send_error(scope, receive, send, exc)
             return
         await self.app(scope, receive, send)
 
 
-def document_api_keys(app: FastAPI) -> None:
-    """Declare the API-key schemes in the OpenAPI document on every operation the keys close
-    (see OPEN_PATHS), so generated clients and the /docs page know to send a key."""
+def document_api(app: FastAPI, keys: ApiKeys) -> None:
+    """The OpenAPI document, completed: the JSON request body the detect routes parse themselves,
+    and, when keys are on, the API-key schemes on every operation the keys close (see
+    OPEN_PATHS), so generated clients and the /docs page know to send a key."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
-            }
-            for path, operations in schema["paths"].items():
-                if path not in OPEN_PATHS:
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+            add_request_schemas(schema)
+            if keys.enabled:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"},
+                    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+                }
+                for path, operations in schema["paths"].items():
+                    if path not in OPEN_PATHS:
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -196,9 +268,10 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(build_router())
-    if runtime.api_keys.enabled:
-        document_api_keys(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes(settings))
-    app.add_middleware(ApiKeyMiddleware, runtime=runtime)  # outside the body limit: checked first
-    app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids reach every response
+    document_api(app, runtime.api_keys)
+    # Added last = outermost: the request id first, then the record, the key, the body guard.
+    app.add_middleware(BodyGuardMiddleware, max_bytes=max_body_bytes(settings), timeout_s=settings.http_body_timeout_s)
+    app.add_middleware(ApiKeyMiddleware, keys=runtime.api_keys)  # outside the body guard: checked before reading
+    app.add_middleware(RequestScopeMiddleware, runtime=runtime)
+    app.add_middleware(RequestIdMiddleware)
     return app

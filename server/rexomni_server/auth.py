@@ -33,7 +33,13 @@ class ApiKeys:
                 raise ValueError(f"api_keys_file {settings.api_keys_file}: {exc.strerror or exc}") from None
             if not any(line.strip() for line in raw):
                 raise ValueError(f"api_keys_file {settings.api_keys_file} holds no key")
-        return cls(tuple(key.strip().encode() for key in raw if key.strip()))
+        keys = cls(tuple(key.strip().encode() for key in raw if key.strip()))
+        if settings.require_api_keys and not keys.enabled:
+            raise ValueError(
+                "require_api_keys is set but no API key was given (REXOMNI_API_KEYS or REXOMNI_API_KEYS_FILE); "
+                "set REXOMNI_REQUIRE_API_KEYS=false to serve an open endpoint on purpose"
+            )
+        return keys
 
     @property
     def enabled(self) -> bool:

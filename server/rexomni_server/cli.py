@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     status = 0
     try:
-        asyncio.run(serve(settings))
+        status = asyncio.run(serve(settings))
     except OSError as exc:  # a port taken, a certificate unreadable
         print(f"error: {exc}", file=sys.stderr)
         status = 1

@@ -12,9 +12,6 @@ class RexOmniError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
-        # Set once the service has logged and counted the failed request, so a transport
-        # only accounts for errors raised before the request reached the service.
-        self.accounted = False
 
 
 class InvalidRequest(RexOmniError):
@@ -33,12 +30,29 @@ class ImageTooLarge(InvalidImage):
     code = "image_too_large"
 
 
+class MalformedRequest(InvalidRequest):
+    """The request body cannot be parsed at all (not JSON, not multipart)."""
+
+
+class BodyTimeout(InvalidRequest):
+    """The client sent its request body too slowly (a slow-body attack looks like this)."""
+
+    code = "body_timeout"
+
+
 class Overloaded(RexOmniError):
     code = "overloaded"
 
 
 class EngineNotReady(RexOmniError):
     code = "engine_not_ready"
+
+
+class EngineDead(RexOmniError):
+    """The engine can serve no more (its process died, a sticky device error): this server
+    stops being ready and exits, so its orchestrator starts a fresh one."""
+
+    code = "engine_dead"
 
 
 class EngineFailure(RexOmniError):

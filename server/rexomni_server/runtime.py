@@ -100,14 +100,27 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
     raise InvalidRequest(f"engine {name!r} is not available in this installation")
 
 
+class LoadFailed(Exception):
+    """The model and its fallback both failed to load (the message names both reasons)."""
+
+
+ENGINE_WATCH_S = 0.25  # how often the engine's health is looked at
+
+
 class Runtime:
-    """Owns the engine's life: build, start in the background, fall back, stop."""
+    """Owns the engine's life: build, start in the background, fall back, watch, stop.
+
+    Two failures are fatal: a model that cannot be loaded (and no working fallback), and an
+    engine that dies while serving. Either sets ``error`` and ``fatal``: the server stops being
+    ready at once, and ``serve`` exits non-zero shortly after, so the orchestrator restarts it.
+    """
 
     def __init__(self, settings: Settings, engine: Engine | None = None, model_label: str | None = None) -> None:
         self.settings = settings
         self.api_keys = ApiKeys.from_settings(settings)
         self.random_weights = False
-        self.boot_error: str | None = None
+        self.error: str | None = None  # why this server cannot serve (fatal), for /health and /ready
+        self.fatal = asyncio.Event()
         if engine is None:
             model_path = settings.model
             if model_path == TINY_MODEL:
@@ -127,39 +140,59 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready
+        return self.error is None and self.engine.ready
 
     def start_background(self) -> None:
         self._boot = asyncio.create_task(self._start())
 
     async def _start(self) -> None:
         try:
+            await self._start_engine()
+        except Exception as exc:
+            self._fail(f"the model could not be loaded: {exc if isinstance(exc, LoadFailed) else describe(exc)}")
+            return
+        log.info("engine ready", extra={"fields": {"engine": self.engine.name, "model": self.service.model_label}})
+        await self._watch_engine()
+
+    async def _start_engine(self) -> None:
+        """The configured model, else (with ``fallback_to_tiny``) the tiny random-weight one.
+        Raises with every reason when nothing could be started."""
+        try:
             if self.settings.fallback_to_tiny and not self.random_weights:
                 reachable = await asyncio.to_thread(model_reachable, self.settings.model)
                 if not reachable:
                     raise FileNotFoundError(f"{self.settings.model!r} is neither a folder nor reachable on the hub")
             await self.engine.start()
-            log.info(
-                "engine ready",
-                extra={"fields": {"engine": self.engine.name, "model": self.service.model_label}},
-            )
         except Exception as exc:
-            if self.settings.fallback_to_tiny and not self.random_weights:
-                log.warning(
-                    "model %r could not be loaded (%s); serving the tiny RANDOM-WEIGHT model instead",
-                    self.settings.model,
-                    exc,
-                )
-                path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
-                self.random_weights = True
-                self._label_random_weights()
-                self.service.engine = build_engine(
-                    self.settings.model_copy(update={"engine": "transformers"}), str(path)
-                )
-                await self.engine.start()
+            if not self.settings.fallback_to_tiny or self.random_weights:
+                raise
+            await self._start_fallback(describe(exc))
+
+    async def _start_fallback(self, why: str) -> None:
+        log.warning(
+            "model %r could not be loaded (%s); serving the tiny RANDOM-WEIGHT model instead", self.settings.model, why
+        )
+        try:
+            path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
+            self.random_weights = True
+            self._label_random_weights()
+            self.service.engine = build_engine(self.settings.model_copy(update={"engine": "transformers"}), str(path))
+            await self.engine.start()
+        except Exception as exc:
+            raise LoadFailed(f"{why}; the tiny fallback failed too: {describe(exc)}") from exc
+
+    async def _watch_engine(self) -> None:
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            failure = self.engine.failure
+            if failure is not None:
+                self._fail(f"the engine died: {failure}")
                 return
-            self.boot_error = f"{type(exc).__name__}: {exc}"
-            log.error("engine failed to start: %s", self.boot_error)
+
+    def _fail(self, error: str) -> None:
+        self.error = error
+        log.error(error, extra={"fields": {"engine": self.engine.name, "model": self.service.model_label}})
+        self.fatal.set()
 
     def _label_random_weights(self) -> None:
         self.service.model_label = TINY_LABEL
@@ -170,3 +203,7 @@ class Runtime:
         if self._boot is not None and not self._boot.done():
             self._boot.cancel()
         await self.engine.stop()
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -13,7 +13,7 @@ import math
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -52,6 +52,48 @@ class RunningServers:
                 await self.grpc.stop(grace_s)
 
         await asyncio.gather(stop_http(), stop_grpc())
+
+
+class _HeaderTimeout:
+    """Mixed into uvicorn's HTTP protocol: a connection that has not sent a whole request head
+    within ``header_timeout_s`` of connecting (or of its last answer) is closed. uvicorn has no
+    such timer: headers sent a byte at a time (slowloris) keep a connection, and its keep-alive
+    timer, alive for ever."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+        self._header_timer = loop.call_later(self.header_timeout_s, self._header_timed_out)
+
+    def _header_timed_out(self) -> None:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if (cycle is None or cycle.response_complete) and not transport.is_closing():
+            transport.close()
+
+
+def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools where installed, else h11) with the header timeout."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return type("GuardedHTTPProtocol", (_HeaderTimeout, AutoHTTPProtocol), {"header_timeout_s": header_timeout_s})
 
 
 class _HTTPServer(uvicorn.Server):
@@ -95,6 +137,10 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
             ssl_keyfile=settings.tls_key_file,
             # In-flight responses (SSE streams included) get the drain timeout, then are cut.
             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+            # Past this many connections (or requests) at once, uvicorn answers 503 itself.
+            limit_concurrency=settings.http_max_connections,
+            timeout_keep_alive=settings.http_keep_alive_timeout_s,
+            http=http_protocol(settings.http_header_timeout_s),
         )
         servers.http = _HTTPServer(config)
         servers.http_task = asyncio.create_task(_serve_http(servers.http))
@@ -109,14 +155,20 @@ async def start_servers(runtime: Runtime, host: str, http_port: int | None, grpc
     return servers
 
 
-async def serve(settings: Settings) -> None:
-    runtime = Runtime(settings)
+EXIT_FATAL = 1  # the model could not be loaded, or the engine died: restart me
+
+
+async def serve(settings: Settings, runtime: Runtime | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (exit status 0) or a fatal engine error (EXIT_FATAL, after
+    ``engine_failure_exit_s`` of answering 503 so probes and load balancers see why)."""
+    runtime = runtime or Runtime(settings)
     runtime.start_background()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     servers: RunningServers | None = None
+    status = 0
     try:
         servers = await start_servers(
             runtime,
@@ -124,12 +176,26 @@ async def serve(settings: Settings) -> None:
             settings.port if settings.http_enabled else None,
             settings.grpc_port if settings.grpc_enabled else None,
         )
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+        stopped, fatal = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(runtime.fatal.wait())
+        waiters: list[asyncio.Future[Any]] = [stopped, fatal]
         if servers.http_task is not None:
-            waiters.append(servers.http_task)  # type: ignore[arg-type]
+            waiters.append(servers.http_task)
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if runtime.fatal.is_set():
+            status = EXIT_FATAL
+            log.error("exiting after %g s: %s", settings.engine_failure_exit_s, runtime.error)
+            await asyncio.wait([stopped], timeout=settings.engine_failure_exit_s)  # a signal cuts it short
+        for waiter in (stopped, fatal):
+            waiter.cancel()
     finally:
         log.info("shutting down", extra={"fields": {"in_flight": runtime.service.in_flight}})
         if servers is not None:
-            await servers.stop(settings.drain_timeout_s)
+            # After a fatal error the requests in flight have failed already: nothing to wait for.
+            grace = (
+                settings.drain_timeout_s
+                if status == 0
+                else min(settings.drain_timeout_s, settings.engine_failure_exit_s)
+            )
+            await servers.stop(grace)
         await runtime.stop()  # also when a port was taken: the model load is abandoned, not awaited
+    return status

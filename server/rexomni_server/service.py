@@ -14,11 +14,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from rexomni_server.accounting import CANCELLED, INTERNAL, RequestLedger, RequestRecord
 from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import (
+    EngineDead,
     EngineFailure,
     EngineNotReady,
     InvalidRequest,
@@ -26,7 +29,13 @@ from rexomni_server.errors import (
     RequestTimeout,
     RexOmniError,
 )
-from rexomni_server.images import FACTOR, ImageLimits, load_and_prepare
+from rexomni_server.images import (
+    FACTOR,
+    ImageLimits,
+    PreparedImage,
+    decode_base64_image,
+    load_and_prepare,
+)
 from rexomni_server.metrics import Metrics
 from rexomni_server.prompts import build_task_text, task_text_for
 from rexomni_server.schemas import (
@@ -47,7 +56,7 @@ PROMPT_TEXT_TOKENS = 256
 # Tasks whose categories are independent, so one request per category gives the same answer.
 FAN_OUT_TASKS = frozenset({Task.DETECTION, Task.POINTING})
 
-log = logging.getLogger("rexomni.requests")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,21 +83,43 @@ class DoneEvent:
 
 ServiceEvent = AcceptedEvent | DetectionEvent | DoneEvent
 
+# An image as a transport received it: the file's bytes, or base64 text (or a data URI).
+EncodedImage = bytes | str
+
+
+def decode_and_prepare(image: EncodedImage, limits: ImageLimits, min_pixels: int, max_pixels: int) -> PreparedImage:
+    """The whole CPU-side image step of a request (run in the decode pool)."""
+    data = decode_base64_image(image) if isinstance(image, str) else image
+    return load_and_prepare(data, limits, min_pixels, max_pixels)
+
+
+class _QueueGauge:
+    """A request's place in the queue-depth gauge: entered on admission, left once (when its
+    generation starts, or when it ends without starting)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.waiting = True
+        metrics.queue_depth.inc()
+
+    def leave(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self._metrics.queue_depth.dec()
+
 
 @dataclass
 class _Run:
     """One admitted request on its way through the engine (one engine request per category
     when fanned out)."""
 
-    request_id: str
+    record: RequestRecord
     engine_requests: list[EngineRequest]
     params: DetectParams
     image: ImageInfo
-    arrived: float
-    deadline: float
+    deadline: float  # time.perf_counter() value
     timeout_s: float
-    queued: list[bool]  # [True] until generation starts; shared with stream() for the gauge
-    transport: str
+    queue: _QueueGauge
 
 
 def new_request_id() -> str:
@@ -106,7 +137,11 @@ class DetectionService:
             max_side=settings.max_image_side,
             max_pixels=settings.max_decoded_pixels,
         )
-        self.in_flight = 0
+        self.ledger = RequestLedger(self.metrics)
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+        self.in_flight = 0  # requests admitted and not finished
+        self.engine_requests = 0  # the engine requests they start (what admission counts)
+        self.decoding = 0  # images being decoded or waiting for a decode thread
 
     # -- option resolution ------------------------------------------------------------------
     def _sampling(self, params: DetectParams) -> SamplingConfig:
@@ -181,66 +216,113 @@ class DetectionService:
             for i, category in enumerate(params.categories)
         ]
 
+    # -- admission ----------------------------------------------------------------------------
+    def engine_requests_for(self, params: DetectParams) -> int:
+        """The engine requests a request starts: the work admission counts."""
+        return len(params.categories) if self.fans_out(params) else 1
+
+    def _admit(self, cost: int) -> None:
+        """Refuse at once what cannot be served now: a dead or loading engine, a full queue, a
+        full decode queue. Raises; admits nothing."""
+        failure = self.engine.failure
+        if failure is not None:
+            raise EngineDead(f"the engine has failed ({failure}); this server is restarting", retry_after_s=1.0)
+        if not self.engine.ready:
+            raise EngineNotReady("the model is still loading", retry_after_s=5.0)
+        limit = self.settings.max_queue
+        if cost > limit:
+            raise InvalidRequest(
+                f"this request starts {cost} engine requests (one per category) and the server admits "
+                f"{limit} at once: send fewer categories, or options.fan_out=false"
+            )
+        if self.engine_requests + cost > limit:
+            raise Overloaded(f"server is at its limit of {limit} engine requests", retry_after_s=1.0)
+        if self.decoding >= self.settings.decode_queue:
+            raise Overloaded(f"server is decoding {self.decoding} images already", retry_after_s=1.0)
+
+    async def _prepare_image(
+        self, image: EncodedImage, min_pixels: int, max_pixels: int, deadline: float
+    ) -> PreparedImage:
+        """Decode and resize in the bounded decode pool, within the request's time budget (a
+        request that waited its budget away in the pool's queue is never decoded)."""
+        self.decoding += 1
+        try:
+            work = self._decode_pool.submit(decode_and_prepare, image, self._limits, min_pixels, max_pixels)
+            try:
+                async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
+                    return await asyncio.wrap_future(work)
+            except TimeoutError as exc:
+                raise RequestTimeout("request exceeded its time budget while its image waited to be decoded") from exc
+            finally:
+                work.cancel()  # not started yet: never started
+        finally:
+            self.decoding -= 1
+
     # -- the pipeline -----------------------------------------------------------------------
-    def record_rejected(self, request_id: str, task: str, transport: str, status: str) -> None:
-        """Log and count a request a transport refused before it reached the service."""
-        self.metrics.requests.labels(task, transport, status).inc()
-        self._log(request_id, transport, task, status, {}, 0.0)
-
-    @staticmethod
-    def _log(
-        request_id: str, transport: str, task: str, status: str, summary: dict[str, object], total_ms: float
-    ) -> None:
-        fields = {"request_id": request_id, "transport": transport, "task": task, "status": status}
-        log.info("request", extra={"fields": {**fields, **summary, "total_ms": round(total_ms, 2)}})
-
     async def stream(
         self,
         params: DetectParams,
-        image_bytes: bytes,
+        image: EncodedImage,
         *,
+        record: RequestRecord | None = None,
         request_id: str | None = None,
         transport: str = "python",
         timeout_s: float | None = None,
     ) -> AsyncIterator[ServiceEvent]:
         """Typed events: AcceptedEvent, one DetectionEvent per detection as soon as it is
-        decoded, then DoneEvent. ``timeout_s`` (e.g. a gRPC deadline) tightens the server's."""
-        request_id = request_id or new_request_id()
-        arrived = time.perf_counter()
-        task = params.task.value
-        summary: dict[str, object] = {}
-        if self.in_flight >= self.settings.max_queue:
-            self.record_rejected(request_id, task, transport, Overloaded.code)
-            error = Overloaded(f"server is at its limit of {self.settings.max_queue} requests", retry_after_s=1.0)
-            error.accounted = True
-            raise error
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        self.metrics.queue_depth.inc()
-        queued = [True]  # cleared when generation starts (shared with _run)
-        status = "error"
+        decoded, then DoneEvent. ``image``: the file's bytes, or base64 text (decoded in the
+        decode pool). ``timeout_s`` (e.g. a gRPC deadline) tightens the server's budget.
+
+        ``record``: the transport's record of the request, which the service fills in; without
+        one the service opens (and logs) its own."""
+        if record is not None:
+            async with contextlib.aclosing(self._stream(params, image, record, timeout_s)) as events:
+                async for event in events:
+                    yield event
+            return
+        with self.ledger.scope(request_id or new_request_id(), transport) as own:
+            async with contextlib.aclosing(self._stream(params, image, own, timeout_s)) as events:
+                async for event in events:
+                    yield event
+
+    async def _stream(
+        self, params: DetectParams, image: EncodedImage, record: RequestRecord, timeout_s: float | None
+    ) -> AsyncGenerator[ServiceEvent, None]:
+        record.task = params.task.value
         try:
-            if not self.engine.ready:
-                raise EngineNotReady("the model is still loading", retry_after_s=5.0)
+            cost = self.engine_requests_for(params)
+            self._admit(cost)
+        except RexOmniError as exc:
+            record.fail(exc.code)
+            raise
+        record.admitted = True
+        self.in_flight += 1
+        self.engine_requests += cost
+        self.metrics.in_flight.inc()
+        queue = _QueueGauge(self.metrics)
+        try:
+            timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
+            record.start_deadline(timeout)
+            deadline = record.arrived + timeout
             sampling = self._sampling(params)
             min_pixels, max_pixels = self._pixel_bounds(params)
             self._check_forced(params)
             self._check_priority(params)
-            image = await asyncio.to_thread(load_and_prepare, image_bytes, self._limits, min_pixels, max_pixels)
+            prepared = await self._prepare_image(image, min_pixels, max_pixels, deadline)
             # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
             # asking for no more keeps the transformers engine inside the trained context too.
-            room = self._answer_room(image.resized_size)
+            room = self._answer_room(prepared.resized_size)
             if sampling.max_new_tokens > room:
                 sampling = dataclasses.replace(sampling, max_new_tokens=room)
-            texts = self._task_texts(params, (image.width, image.height))
+            texts = self._task_texts(params, (prepared.width, prepared.height))
             engine_token = uuid.uuid4().hex[:12]
             engine_requests = [
                 EngineRequest(
                     # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
                     # refuses a running duplicate); the client's id stays in logs and headers.
-                    request_id=f"{request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
+                    request_id=f"{record.request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
                     task_text=text,
-                    image=image.resized,
+                    image=prepared.resized,
                     sampling=sampling,
                     forced_output=forced,
                     logprobs=params.options.scores,
@@ -249,58 +331,40 @@ class DetectionService:
                 for i, (text, forced) in enumerate(texts)
             ]
             info = ImageInfo(
-                width=image.width,
-                height=image.height,
-                resized_width=image.resized_size[0],
-                resized_height=image.resized_size[1],
+                width=prepared.width,
+                height=prepared.height,
+                resized_width=prepared.resized_size[0],
+                resized_height=prepared.resized_size[1],
             )
             self.metrics.image_pixels.observe(info.resized_width * info.resized_height)
-            yield AcceptedEvent(request_id, info)
-            timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
-            run = _Run(
-                request_id,
-                engine_requests,
-                params,
-                info,
-                arrived,
-                arrived + timeout,
-                timeout,
-                queued,
-                transport,
-            )
+            yield AcceptedEvent(record.request_id, info)
+            run = _Run(record, engine_requests, params, info, deadline, timeout, queue)
             # Closed with this stream (a client that leaves), not whenever it is collected.
-            async with contextlib.aclosing(self._run(run, summary)) as events:
+            async with contextlib.aclosing(self._run(run)) as events:
                 async for event in events:
                     yield event
-            status = "ok"
+            record.fail("ok")
         except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
+            record.fail(CANCELLED)
             raise
         except RexOmniError as exc:
-            status = exc.code
-            exc.accounted = True
+            record.fail(exc.code)
             raise
         except Exception as exc:
             # A bug of ours, or an engine failing in a way it does not report itself: the
             # client still gets a typed error with its request id, and the traceback is logged.
-            status = "internal"
-            log.exception("request failed", extra={"fields": {"request_id": request_id}})
-            failure = EngineFailure(
-                f"internal error ({type(exc).__name__}); see the server log for request {request_id}"
-            )
-            failure.accounted = True
-            raise failure from exc
+            record.fail(INTERNAL)
+            log.exception("request failed", extra={"fields": {"request_id": record.request_id}})
+            raise EngineFailure(
+                f"internal error ({type(exc).__name__}); see the server log for request {record.request_id}"
+            ) from exc
         finally:
-            if queued[0]:
-                self.metrics.queue_depth.dec()
+            queue.leave()
             self.in_flight -= 1
+            self.engine_requests -= cost
             self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - arrived
-            self.metrics.requests.labels(task, transport, status).inc()
-            self.metrics.latency.labels(task, transport).observe(elapsed)
-            self._log(request_id, transport, task, status, summary, elapsed * 1000)
 
-    async def _run(self, run: _Run, summary: dict[str, object]) -> AsyncGenerator[ServiceEvent, None]:
+    async def _run(self, run: _Run) -> AsyncGenerator[ServiceEvent, None]:
         params, task, m = run.params, run.params.task.value, self.metrics
         options = params.options
         repetition_limit = self.settings.repetition_limit if options.stop_on_repetition else None
@@ -350,16 +414,15 @@ class DetectionService:
                     raise item
                 if item.started and started_at is None:
                     started_at = time.perf_counter()
-                    run.queued[0] = False
-                    m.queue_depth.dec()
-                    m.queue_wait.labels(task).observe(started_at - run.arrived)
+                    run.queue.leave()
+                    m.queue_wait.labels(task).observe(started_at - run.record.arrived)
                 tracker = trackers[index]
                 for detection in tracker.on_event(item):
                     now = time.perf_counter()
                     if first_detection_at is None:
                         first_detection_at = now
-                        m.first_detection.labels(task, run.transport).observe(now - run.arrived)
-                    yield DetectionEvent(emitted, detection, (now - run.arrived) * 1000)
+                        m.first_detection.labels(task, run.record.transport).observe(now - run.record.arrived)
+                    yield DetectionEvent(emitted, detection, (now - run.record.arrived) * 1000)
                     streamed[index].append(detection)
                     emitted += 1
                     if options.max_detections is not None and emitted >= options.max_detections:
@@ -376,7 +439,7 @@ class DetectionService:
                 if not p.cancelling():  # a pump already stopped is left to close its engine stream
                     p.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
-            summary.update(
+            run.record.fields.update(
                 prompt_tokens=sum(t.prompt_tokens for t in trackers),
                 completion_tokens=sum(t.completion_tokens for t in trackers),
             )
@@ -385,11 +448,11 @@ class DetectionService:
         if stopped is None:
             for index, tracker in enumerate(trackers):
                 for detection in tracker.finish():
-                    yield DetectionEvent(emitted, detection, (time.perf_counter() - run.arrived) * 1000)
+                    yield DetectionEvent(emitted, detection, (time.perf_counter() - run.record.arrived) * 1000)
                     streamed[index].append(detection)
                     emitted += 1
         detections = [d for per_request in streamed for d in per_request]
-        yield DoneEvent(self._result(run, trackers, detections, stopped, started_at, first_detection_at, summary))
+        yield DoneEvent(self._result(run, trackers, detections, stopped, started_at, first_detection_at))
 
     def _result(
         self,
@@ -399,7 +462,6 @@ class DetectionService:
         stopped: FinishReason | None,
         started_at: float | None,
         first_detection_at: float | None,
-        summary: dict[str, object],
     ) -> DetectResult:
         task, m = run.params.task.value, self.metrics
         reasons = {t.finish_reason or "stop" for t in trackers}
@@ -417,7 +479,7 @@ class DetectionService:
             m.truncated.labels(task).inc()
         finished = time.perf_counter()
         result = DetectResult(
-            request_id=run.request_id,
+            request_id=run.record.request_id,
             model=self.model_label,
             task=run.params.task,
             detections=detections,
@@ -431,15 +493,15 @@ class DetectionService:
                 completion_tokens=sum(t.completion_tokens for t in trackers),
             ),
             timings=Timings(
-                queue_ms=round(((started_at or finished) - run.arrived) * 1000, 3),
+                queue_ms=round(((started_at or finished) - run.record.arrived) * 1000, 3),
                 first_detection_ms=(
-                    round((first_detection_at - run.arrived) * 1000, 3) if first_detection_at else None
+                    round((first_detection_at - run.record.arrived) * 1000, 3) if first_detection_at else None
                 ),
-                total_ms=round((finished - run.arrived) * 1000, 3),
+                total_ms=round((finished - run.record.arrived) * 1000, 3),
             ),
             raw_output=", ".join("".join(t.raw) for t in trackers) if run.params.options.return_raw_output else None,
         )
-        summary.update(
+        run.record.fields.update(
             detections=len(detections),
             engine_requests=len(trackers),
             finish_reason=finish_reason,
@@ -453,15 +515,18 @@ class DetectionService:
     async def detect(
         self,
         params: DetectParams,
-        image_bytes: bytes,
+        image: EncodedImage,
         *,
+        record: RequestRecord | None = None,
         request_id: str | None = None,
         transport: str = "python",
         timeout_s: float | None = None,
     ) -> DetectResult:
         """Unary: the DoneEvent of the same stream (drained to its end, so it closes cleanly)."""
         result: DetectResult | None = None
-        events = self.stream(params, image_bytes, request_id=request_id, transport=transport, timeout_s=timeout_s)
+        events = self.stream(
+            params, image, record=record, request_id=request_id, transport=transport, timeout_s=timeout_s
+        )
         async for event in events:
             if isinstance(event, DoneEvent):
                 result = event.result

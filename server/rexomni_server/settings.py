@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_side: int = Field(default=16384, ge=28)
     max_decoded_pixels: int = Field(default=100_000_000, description="Decompression-bomb guard on the decoded image.")
+    decode_workers: int = Field(
+        default=2, ge=1, description="Threads that decode and resize images (each holds one decoded image)."
+    )
+    decode_queue: int = Field(
+        default=16,
+        ge=1,
+        description="Images being decoded or waiting for a decode thread at once; past it requests get "
+        "429 at once (bounds the memory and wait that decoding adds to a request).",
+    )
 
     # -- serving --
     host: str = "127.0.0.1"
@@ -101,8 +110,42 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     http_enabled: bool = True
     grpc_enabled: bool = True
-    max_queue: int = Field(default=256, ge=1, description="Requests admitted at once (running + waiting); 429 past it.")
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        description="Engine requests admitted at once (running + waiting; a request fanned out over N "
+        "categories takes N); 429 past it.",
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Time budget of a request from arrival, also when its client stops reading."
+    )
+    engine_failure_exit_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="When the engine dies or the model cannot be loaded: seconds the server goes on "
+        "answering (503, not ready) so probes and load balancers see why, before it exits non-zero.",
+    )
+    http_max_connections: int = Field(
+        default=1024, ge=1, description="HTTP connections (and requests) at once; past it new requests get 503."
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A connection must send a request's headers within this (slow clients)."
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0, gt=0, description="A request must send its whole body within this; else 408."
+    )
+    http_keep_alive_timeout_s: int = Field(default=5, ge=1, description="Idle keep-alive connections close after this.")
+    grpc_max_concurrent_rpcs: int = Field(
+        default=1024, ge=1, description="gRPC calls at once (health checks included); past it RESOURCE_EXHAUSTED."
+    )
+    grpc_keepalive_s: float = Field(
+        default=60.0, gt=0, description="gRPC pings idle connections this often and drops those that do not answer."
+    )
+    grpc_min_ping_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="gRPC clients may ping at most this often; a client pinging faster is disconnected.",
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,
@@ -123,6 +166,11 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         default=None, description="A file of API keys, one per line (e.g. a mounted secret); adds to api_keys."
+    )
+    require_api_keys: bool = Field(
+        default=False,
+        description="Refuse to start without at least one API key (deployments set it, so a missing or "
+        "empty key secret stops the server instead of serving an open endpoint).",
     )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain): HTTPS and gRPC over TLS on the same ports."

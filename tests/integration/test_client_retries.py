@@ -20,7 +20,7 @@ from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectResult
 from rexomni_server.serve import start_servers
 from rexomni_server.settings import Settings
-from tests.conftest import image_bytes, noise_png
+from tests.support import image_bytes, noise_png
 
 OUTPUT = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
 PNG = image_bytes(64, 48)
@@ -109,7 +109,7 @@ async def test_grpc_clients_follow_the_servers_pushback(one_slot: tuple[str, str
         await slot_taken(url)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await impatient.detect(PNG, "detection", ["cat"])
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # "not now": the code gRPC retries
         trailing = dict(refused.value.trailing_metadata() or ())
         assert trailing["retry-after"] == "1" and trailing["grpc-retry-pushback-ms"] == "1000"
         assert trailing["x-request-id"]  # refused calls carry their id in the trailers

@@ -20,16 +20,10 @@ import httpx
 import pytest
 
 from rexomni_client import RexOmniClient, RexOmniGrpcClient, RexOmniHTTPError
-from tests.conftest import image_bytes
+from tests.support import free_port, image_bytes
 
 pytestmark = pytest.mark.slow
 FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><499><999><|box_end|>"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:

@@ -22,7 +22,7 @@ from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
 from rexomni_server.transport.convert import detection_from_pb, params_to_pb, result_from_pb
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 W, H = 640, 480
 PNG = image_bytes(W, H)
@@ -229,14 +229,11 @@ async def test_grpc_bad_input_codes(
 async def test_grpc_refusals_that_happen_before_our_code_are_invalid_argument(
     live_servers: tuple[str, str], tiny_runtime: Runtime
 ) -> None:
-    """Bad UTF-8 in a string field (protobuf refuses to parse it), and an image over the limit
-    (gRPC's own size check would say RESOURCE_EXHAUSTED, which clients retry as "queue full")."""
+    """Bad UTF-8 in a string field (protobuf refuses to parse it), and an image over our limit
+    but within what gRPC reads (an image at the limit plus the rest of the message)."""
     _, target = live_servers
     not_utf8 = pb.DetectRequest(image=PNG).SerializeToString() + bytes([3 << 3 | 2, 2, 0xFF, 0xFE])
-    # Twice the image limit and more (gRPC's own limit used to sit just above that).
-    too_large = pb.DetectRequest(
-        image=b"\0" * (2 * tiny_runtime.settings.max_image_bytes + (2 << 20)), categories=["person"]
-    )
+    over_our_limit = pb.DetectRequest(image=b"\0" * (tiny_runtime.settings.max_image_bytes + 1), categories=["person"])
     async with grpc.aio.insecure_channel(target) as channel:
         raw = channel.unary_unary("/rexomni.v1.Detector/Detect", response_deserializer=pb.DetectResponse.FromString)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -245,7 +242,7 @@ async def test_grpc_refusals_that_happen_before_our_code_are_invalid_argument(
             err.value.details() or ""
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await pb_grpc.DetectorStub(channel).Detect(too_large)
+            await pb_grpc.DetectorStub(channel).Detect(over_our_limit)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in (err.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await pb_grpc.DetectorStub(channel).Detect(
@@ -254,13 +251,32 @@ async def test_grpc_refusals_that_happen_before_our_code_are_invalid_argument(
         assert (err.value.details() or "").startswith("options.max_new_tokens:")  # worded as over HTTP
 
 
-async def test_grpc_overloaded_is_resource_exhausted(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
+async def test_grpc_reads_no_more_than_an_image_at_the_limit_needs(
+    live_servers: tuple[str, str], tiny_runtime: Runtime
+) -> None:
+    """Past an image at the limit plus the rest of the message, gRPC refuses the message itself
+    (RESOURCE_EXHAUSTED, which the clients do not retry: no retry can make it fit)."""
+    from rexomni_client.grpc import AsyncRexOmniGrpcClient
+
+    _, target = live_servers
+    too_large = tiny_runtime.settings.max_image_bytes + (2 << 20)
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.DetectorStub(channel).Detect(pb.DetectRequest(image=b"\0" * too_large, categories=["a"]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with AsyncRexOmniGrpcClient(target) as client:  # retries on: still one answer, at once
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.detect(b"\0" * too_large, "detection", ["a"])
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_grpc_overloaded_is_unavailable(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     _, target = live_servers
     with overridden_settings(tiny_runtime, max_queue=0):
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(1)))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_grpc_health_flips_with_readiness(tiny_model_dir: Any) -> None:

@@ -15,7 +15,7 @@ from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import TASKS
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 OUTPUT = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
 PNG = image_bytes(999, 999)

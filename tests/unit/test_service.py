@@ -14,7 +14,7 @@ from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest,
 from rexomni_server.schemas import DetectParams
 from rexomni_server.service import AcceptedEvent, DetectionEvent, DetectionService, DoneEvent, ServiceEvent
 from rexomni_server.settings import Settings
-from tests.conftest import image_bytes
+from tests.support import image_bytes
 
 OUTPUT = (
     "<|object_ref_start|>person<|object_ref_end|><|box_start|><0><0><999><999>, <1><2><3><4><|box_end|>, "
@@ -222,7 +222,7 @@ async def test_priority_reaches_an_engine_that_schedules_by_it_and_is_refused_el
         await service.detect(params(options={"priority": 5}), IMAGE)
     engine.supports_priority = True  # as the vLLM engine is with scheduling_policy=priority
     await service.detect(params(options={"priority": 5, "fan_out": True}), IMAGE)
-    assert [r.priority for r in engine.requests[-2:]] == [5, 5]  # every fanned-out request
+    assert [r.priority for r in list(engine.requests)[-2:]] == [5, 5]  # every fanned-out request
     assert service.in_flight == 0
 
 
@@ -301,13 +301,16 @@ class BrokenEngine(ScriptedEngine):
 
 
 async def test_an_unexpected_failure_is_a_typed_error_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="rexomni.requests")
     engine = BrokenEngine()
     await engine.start()
     service = DetectionService(Settings(), engine, "scripted")
     with pytest.raises(EngineFailure) as failure:
         await service.detect(params(), IMAGE, request_id="req-42")
-    assert failure.value.accounted and "req-42" in failure.value.message
+    assert "req-42" in failure.value.message
     assert isinstance(failure.value.__cause__, RuntimeError)
+    lines = [getattr(r, "fields", {}) for r in caplog.records if r.name == "rexomni.requests"]
+    assert [(f["request_id"], f["status"]) for f in lines] == [("req-42", "internal")]  # logged once
     assert any(r.exc_info and "req-42" in str(getattr(r, "fields", "")) for r in caplog.records)  # traceback logged
     assert service.in_flight == 0
 

@@ -1,4 +1,4 @@
-"""The engine protocol: start, ready, stream, abort, stop. Everything else is the service's."""
+"""The engine protocol: start, ready, failure, stream, abort, stop. Everything else is the service's."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can serve no more (its process died, a sticky device error), or None
+        while it is healthy. Permanent: the server stops being ready and exits."""
+        ...
 
     async def start(self) -> None:
         """Load the model; ``ready`` turns true when this returns."""

@@ -8,12 +8,14 @@ be tested fast and deterministically. It is never picked by ``engine=auto``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 from collections.abc import AsyncIterator, Sequence
 
 from rexomni_server.engines.base import EngineEvent, EngineRequest
-from rexomni_server.errors import EngineNotReady
+from rexomni_server.errors import EngineDead, EngineNotReady
 
+KEEP_REQUESTS = 64
 _PIECES = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]|<")
 
 
@@ -43,12 +45,24 @@ class ScriptedEngine:
         self._delay = token_delay_s
         self._prompt_tokens = prompt_tokens
         self._ready = False
+        self._failure: str | None = None
+        self._running: set[str] = set()
         self._aborted: set[str] = set()
-        self.requests: list[EngineRequest] = []  # what it was asked (tests inspect it)
+        # The latest requests it was asked (tests inspect them); bounded, so a server or a
+        # benchmark on this engine does not keep every image it was sent.
+        self.requests: collections.deque[EngineRequest] = collections.deque(maxlen=KEEP_REQUESTS)
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    def fail(self, reason: str) -> None:
+        """Die as a real engine can: every stream, running or new, ends with EngineDead."""
+        self._failure = reason
 
     async def start(self) -> None:
         self._ready = True
@@ -57,15 +71,26 @@ class ScriptedEngine:
         self._ready = False
 
     async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+        if request_id in self._running:  # unknown ids are not kept (nothing would remove them)
+            self._aborted.add(request_id)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         if not self._ready:
             raise EngineNotReady("the scripted engine is not started")
         self.requests.append(request)
+        self._running.add(request.request_id)
+        try:
+            async for event in self._replay(request):
+                yield event
+        finally:
+            self._running.discard(request.request_id)
+            self._aborted.discard(request.request_id)
+
+    async def _replay(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         text = request.forced_output if request.forced_output is not None else self._default
         pieces = split_like_tokens(text)
         budget = request.sampling.max_new_tokens
+        self._check_alive()
         yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
         coordinates = 0
         for piece in pieces[:budget]:
@@ -74,6 +99,7 @@ class ScriptedEngine:
                 return
             if self._delay:
                 await asyncio.sleep(self._delay)
+            self._check_alive()
             is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
             logprobs: tuple[float, ...] = ()
             if is_coordinate and request.logprobs and self._coordinate_logprobs:
@@ -81,3 +107,7 @@ class ScriptedEngine:
             coordinates += is_coordinate
             yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
         yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise EngineDead(f"the scripted engine has failed: {self._failure}")

@@ -20,7 +20,7 @@ from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
 from rexomni_server.engines.detokenize import IncrementalDetokenizer
 from rexomni_server.engines.forced import ForcedOutputLogitsProcessor, forced_token_ids
 from rexomni_server.engines.loading import run_abandonable
-from rexomni_server.errors import EngineFailure, EngineNotReady
+from rexomni_server.errors import EngineDead, EngineFailure, EngineNotReady
 from rexomni_server.prompts import IMAGE_PAD, STOP_TOKEN, build_chat_prompt
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,17 @@ class _CancelCriteria:
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+# CUDA reports these once the context is corrupt (an illegal memory access, a device-side
+# assert): every later kernel fails too, so the process must be replaced. Out-of-memory is
+# not among them: the next, smaller request can succeed.
+STICKY_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "device-side assert")
+
+
+def is_sticky_device_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or any(marker in text for marker in STICKY_DEVICE_ERRORS)
+
+
 def coordinate_token_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of <0>..<999> in this tokenizer (absent ones skipped)."""
     vocab = tokenizer.get_vocab()
@@ -140,6 +151,7 @@ class TransformersEngine:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
         self._cancel: dict[str, threading.Event] = {}
         self._ready = False
+        self._failure: str | None = None
         self._model: Any = None
         self._tokenizer: Any = None
         self._image_processor: Any = None
@@ -151,6 +163,10 @@ class TransformersEngine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
 
     @classmethod
     def from_loaded(
@@ -218,6 +234,8 @@ class TransformersEngine:
             event.set()
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if self._failure is not None:
+            raise EngineDead(f"the device failed: {self._failure}")
         if not self._ready:
             raise EngineNotReady("the model is still loading")
         loop = asyncio.get_running_loop()
@@ -242,6 +260,9 @@ class TransformersEngine:
                         coordinate_logprobs=item.coordinate_logprobs,
                     )
                 elif isinstance(item, _Failed):
+                    if is_sticky_device_error(item.error):
+                        self._failure = f"{type(item.error).__name__}: {item.error}"
+                        raise EngineDead(f"the device failed: {item.error}") from item.error
                     raise EngineFailure(f"generation failed: {item.error}") from item.error
                 else:
                     tail = detokenizer.flush()

@@ -22,7 +22,7 @@ from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
 from rexomni_server.engines.forced import forced_token_ids
 from rexomni_server.engines.loading import run_abandonable
 from rexomni_server.engines.transformers import coordinate_token_ids
-from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RexOmniError
+from rexomni_server.errors import EngineDead, EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RexOmniError
 from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
 from rexomni_server.settings import PIXEL_UNIT, Settings
 
@@ -34,6 +34,8 @@ _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort":
 def _domain_error(exc: Exception) -> RexOmniError:
     """vLLM's refusal of a request (e.g. a prompt longer than the context) is the client's
     error; a full queue is "not now"; anything else is the engine failing."""
+    if type(exc).__name__ == "EngineDeadError":
+        return EngineDead(f"vLLM's engine core has died: {exc}", retry_after_s=1.0)
     try:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
     except ImportError:  # older vLLM: validation errors were ValueErrors
@@ -119,6 +121,14 @@ class VllmEngine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def failure(self) -> str | None:
+        # AsyncLLM notices its engine-core process exit (or its output loop failing) itself;
+        # from then on every request fails with EngineDeadError.
+        if self._engine is not None and not self._stopped and self._engine.errored:
+            return f"vLLM's engine core has died ({self._engine.dead_error})"
+        return None
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -211,6 +221,9 @@ class VllmEngine:
         )
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        failure = self.failure
+        if failure is not None:
+            raise EngineDead(failure, retry_after_s=1.0)
         if not self._ready:
             raise EngineNotReady("the model is still loading")
         prompt = {
@@ -239,7 +252,8 @@ class VllmEngine:
         except (EngineNotReady, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise _domain_error(exc) from exc
+            failure = self.failure
+            raise (EngineDead(failure, retry_after_s=1.0) if failure else _domain_error(exc)) from exc
         finally:
             self._active.discard(request.request_id)
             # Closing vLLM's generator early aborts the request in the engine core.

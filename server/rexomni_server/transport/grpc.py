@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -18,8 +16,10 @@ from pydantic import ValidationError
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc  # the servicer base class
+from rexomni_server.accounting import RequestRecord, deadline_guard
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER
 from rexomni_server.errors import (
+    EngineDead,
     EngineFailure,
     EngineNotReady,
     InvalidRequest,
@@ -29,10 +29,10 @@ from rexomni_server.errors import (
     Unauthenticated,
 )
 from rexomni_server.runtime import Runtime
-from rexomni_server.schemas import validation_summary
-from rexomni_server.service import AcceptedEvent, DetectionEvent, DoneEvent, new_request_id
+from rexomni_server.schemas import DetectParams, validation_summary
+from rexomni_server.service import AcceptedEvent, DetectionEvent, DoneEvent, ServiceEvent, new_request_id
+from rexomni_server.settings import Settings
 from rexomni_server.transport.convert import (
-    CLIENT_MAX_MESSAGE_BYTES,
     detection_to_pb,
     params_from_pb,
     result_to_pb,
@@ -46,32 +46,16 @@ SERVICE_NAME = "rexomni.v1.Detector"
 MESSAGE_OVERHEAD_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class UndecodableRequest:
-    """A request message protobuf cannot parse (e.g. a string field that is not UTF-8). Handed
-    to the servicer, which answers INVALID_ARGUMENT and counts it like any bad input, where
-    gRPC would otherwise answer UNKNOWN."""
-
-    reason: str
-
-
-def parse_request(data: bytes) -> Any:
-    try:
-        return pb.DetectRequest.FromString(data)
-    except DecodeError as exc:
-        return UndecodableRequest(str(exc))
-
-
 def add_detector_servicer(servicer: DetectorServicer, server: grpc.aio.Server) -> None:
-    """The generated registration, with requests parsed by ``parse_request``."""
+    """The generated registration, except that requests reach the servicer as bytes: it parses
+    them itself, off the event loop when they are large, and answers a message protobuf cannot
+    parse with INVALID_ARGUMENT (gRPC would say UNKNOWN)."""
     handlers = {
         "Detect": grpc.unary_unary_rpc_method_handler(
-            servicer.Detect, request_deserializer=parse_request, response_serializer=pb.DetectResponse.SerializeToString
+            servicer.Detect, response_serializer=pb.DetectResponse.SerializeToString
         ),
         "DetectStream": grpc.unary_stream_rpc_method_handler(
-            servicer.DetectStream,
-            request_deserializer=parse_request,
-            response_serializer=pb.DetectEvent.SerializeToString,
+            servicer.DetectStream, response_serializer=pb.DetectEvent.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -79,13 +63,19 @@ def add_detector_servicer(servicer: DetectorServicer, server: grpc.aio.Server) -
 
 
 MAX_SEND_BYTES = 64 << 20
+# Messages up to this size are parsed on the event loop (a thread hop costs more); larger ones,
+# as every message with a real photo in it, in a worker thread.
+INLINE_MESSAGE_BYTES = 64 * 1024
 
 # The gRPC error table: most specific class first (looked up along the exception's MRO).
+# "Not now" is UNAVAILABLE, the code gRPC's retry policies retry: RESOURCE_EXHAUSTED is what
+# gRPC itself answers for a message over the receive limit, which no retry can cure.
 GRPC_STATUS: dict[type[RexOmniError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,  # includes every image error
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
     EngineNotReady: grpc.StatusCode.UNAVAILABLE,
+    EngineDead: grpc.StatusCode.UNAVAILABLE,
     RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     EngineFailure: grpc.StatusCode.INTERNAL,
 }
@@ -98,71 +88,92 @@ def grpc_status(exc: RexOmniError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def request_id_of(metadata: Any) -> str:
+    given = dict(metadata or ()).get(REQUEST_ID_KEY, "")
+    return str(given).strip()[:128] or new_request_id()
+
+
+def decode_request(data: bytes) -> tuple[DetectParams, bytes]:
+    """Wire bytes -> validated params and image bytes; InvalidRequest for anything wrong."""
+    try:
+        return params_from_pb(pb.DetectRequest.FromString(data))
+    except DecodeError as exc:
+        raise InvalidRequest(f"the request message cannot be parsed: {exc}") from None
+    except ValidationError as exc:
+        raise InvalidRequest(validation_summary(exc.errors())) from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
+    """Each call is one request record (see ``accounting``), held to its time budget even
+    while its client does not read (answers are written with ``context.write`` inside the
+    deadline guard)."""
+
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    async def _begin(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, bytes, str, float | None]:
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY, "")).strip()[:128] or new_request_id()
-        try:
-            self._runtime.api_keys.check(metadata.get(AUTHORIZATION_HEADER), metadata.get(API_KEY_HEADER))
-        except Unauthenticated as exc:
-            self._runtime.service.record_rejected(request_id, "unknown", "grpc", exc.code)
-            await _abort(context, exc, request_id)
-        try:
-            if isinstance(request, UndecodableRequest):
-                raise ValueError(f"the request message cannot be parsed: {request.reason}")
-            params, image = params_from_pb(request)
-        except (ValidationError, ValueError) as exc:
-            self._runtime.service.record_rejected(request_id, "unknown", "grpc", InvalidRequest.code)
-            await _abort(context, InvalidRequest(_validation_message(exc)), request_id)
-        return params, image, request_id, context.time_remaining()
+    async def _params(self, data: bytes) -> tuple[DetectParams, bytes]:
+        if len(data) <= INLINE_MESSAGE_BYTES:
+            return decode_request(data)
+        return await asyncio.to_thread(decode_request, data)
 
-    async def Detect(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        params, image, request_id, remaining = await self._begin(request, context)
-        try:
-            result = await self._runtime.service.detect(
-                params, image, request_id=request_id, transport="grpc", timeout_s=remaining
-            )
-        except RexOmniError as exc:
-            await _abort(context, exc, request_id)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-        return result_to_pb(result)
-
-    async def DetectStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        params, image, request_id, remaining = await self._begin(request, context)
-        events = self._runtime.service.stream(
-            params, image, request_id=request_id, transport="grpc", timeout_s=remaining
-        )
-        try:
-            async for event in events:
-                if isinstance(event, AcceptedEvent):
-                    # Headers only once the request is admitted: a refusal before this point
-                    # is a trailers-only answer, which gRPC's retry policy may send again.
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-                elif isinstance(event, DetectionEvent):
-                    yield pb.DetectEvent(
-                        detection=pb.DetectionEvent(
-                            index=event.index,
-                            detection=detection_to_pb(event.detection),
-                            elapsed_ms=event.elapsed_ms,
-                        )
+    async def Detect(self, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request_id = request_id_of(context.invocation_metadata())
+        with self._runtime.service.ledger.scope(request_id, "grpc") as record:
+            try:
+                async with deadline_guard(record):
+                    params, image = await self._params(data)
+                    result = await self._runtime.service.detect(
+                        params, image, record=record, timeout_s=context.time_remaining()
                     )
-                elif isinstance(event, DoneEvent):
-                    yield pb.DetectEvent(done=result_to_pb(event.result))
-        except RexOmniError as exc:
-            await _abort(context, exc, request_id)
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            except TimeoutError:
+                await _abort(context, record, RequestTimeout("the request exceeded its time budget"))
+            except RexOmniError as exc:
+                await _abort(context, record, exc)
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            return result_to_pb(result)
+
+    async def DetectStream(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        request_id = request_id_of(context.invocation_metadata())
+        with self._runtime.service.ledger.scope(request_id, "grpc") as record:
+            try:
+                async with deadline_guard(record):
+                    params, image = await self._params(data)
+                    events = self._runtime.service.stream(
+                        params, image, record=record, timeout_s=context.time_remaining()
+                    )
+                    async with contextlib.aclosing(events):  # type: ignore[type-var]
+                        async for event in events:
+                            await _send(context, request_id, event)
+            except TimeoutError:
+                await _abort(context, record, RequestTimeout("the request exceeded its time budget"))
+            except RexOmniError as exc:
+                await _abort(context, record, exc)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: RexOmniError, request_id: str) -> NoReturn:
-    """End the call with the error's status and the request id in the trailers. "Not now"
-    errors also say when to come back, as ``retry-after`` (seconds) and as
-    ``grpc-retry-pushback-ms``, which gRPC's own retry policy (the Python clients enable it)
-    obeys. No headers were sent before (see DetectStream), so the call can be retried."""
-    trailers = [(REQUEST_ID_KEY, request_id)]
+async def _send(context: grpc.aio.ServicerContext, request_id: str, event: ServiceEvent) -> None:
+    if isinstance(event, AcceptedEvent):
+        # Headers only once the request is admitted: a refusal before this point is a
+        # trailers-only answer, which gRPC's retry policy may send again.
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    elif isinstance(event, DetectionEvent):
+        detection = pb.DetectionEvent(
+            index=event.index, detection=detection_to_pb(event.detection), elapsed_ms=event.elapsed_ms
+        )
+        await context.write(pb.DetectEvent(detection=detection))
+    elif isinstance(event, DoneEvent):
+        await context.write(pb.DetectEvent(done=result_to_pb(event.result)))
+
+
+async def _abort(context: grpc.aio.ServicerContext, record: RequestRecord, exc: RexOmniError) -> NoReturn:
+    """End the call with the error's status and the request id in the trailers (and the error's
+    code on the record). "Not now" errors also say when to come back, as ``retry-after``
+    (seconds) and as ``grpc-retry-pushback-ms``, which gRPC's own retry policy (the Python
+    clients enable it) obeys. No headers were sent before (see _send), so the call can be
+    retried."""
+    record.fail(exc.code)
+    trailers = [(REQUEST_ID_KEY, record.request_id)]
     if exc.retry_after_s is not None:
         seconds = max(1, round(exc.retry_after_s))
         trailers += [("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000))]
@@ -171,8 +182,48 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RexOmniError, request_i
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def _validation_message(exc: Exception) -> str:
-    return validation_summary(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Checks a Detector call's API key from its metadata, before its message is read: a
+    refused call is handed to a request-streaming handler that never reads its request, so a
+    keyless client cannot make the server receive or parse megabytes."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._keys = runtime.api_keys
+        self._ledger = runtime.service.ledger
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if not self._keys.enabled or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        try:
+            self._keys.check(metadata.get(AUTHORIZATION_HEADER), metadata.get(API_KEY_HEADER))
+        except Unauthenticated as exc:
+            return grpc.stream_unary_rpc_method_handler(self._refusal(exc, request_id_of(metadata.items())))
+        return await continuation(details)
+
+    def _refusal(self, exc: Unauthenticated, request_id: str) -> Any:
+        async def refuse(_unread: object, context: grpc.aio.ServicerContext) -> None:
+            with self._ledger.scope(request_id, "grpc") as record:
+                await _abort(context, record, exc)
+
+        return refuse
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Message limits and connection hygiene. A request is read up to what an image at the
+    limit needs (gRPC answers RESOURCE_EXHAUSTED past it, before we see the message); idle
+    connections are pinged and dropped when they do not answer; a client that pings more
+    often than allowed is disconnected (a cheap way to keep a server busy)."""
+    ms = 1000
+    return [
+        ("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_s * ms)),
+        ("grpc.keepalive_timeout_ms", 20 * ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.grpc_min_ping_interval_s * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 class GrpcServer:
@@ -180,14 +231,10 @@ class GrpcServer:
 
     def __init__(self, runtime: Runtime, host: str, port: int) -> None:
         self._runtime = runtime
-        # Beyond this gRPC itself answers RESOURCE_EXHAUSTED, which clients retry as "queue full":
-        # so at least what our clients send, and an image over our limit gets INVALID_ARGUMENT.
-        max_receive = max(runtime.settings.max_image_bytes, CLIENT_MAX_MESSAGE_BYTES) + MESSAGE_OVERHEAD_BYTES
         self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_receive),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ]
+            interceptors=[ApiKeyInterceptor(runtime)],
+            options=server_options(runtime.settings),
+            maximum_concurrent_rpcs=runtime.settings.grpc_max_concurrent_rpcs,
         )
         add_detector_servicer(DetectorServicer(runtime), self.server)
         self.health = health.aio.HealthServicer()

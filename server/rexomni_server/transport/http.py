@@ -15,19 +15,22 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rexomni_server.accounting import RequestRecord
 from rexomni_server.errors import (
+    BodyTimeout,
+    EngineDead,
     EngineFailure,
     EngineNotReady,
     ImageTooLarge,
     InvalidImage,
     InvalidRequest,
+    MalformedRequest,
     Overloaded,
     RequestTimeout,
     RexOmniError,
     Unauthenticated,
     UnsupportedImageFormat,
 )
-from rexomni_server.images import decode_base64_image
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import (
     REQUEST_ID_HEADER,
@@ -39,7 +42,7 @@ from rexomni_server.schemas import (
     TasksResponse,
     validation_summary,
 )
-from rexomni_server.service import DetectionEvent, DoneEvent, ServiceEvent, new_request_id
+from rexomni_server.service import DetectionEvent, DoneEvent, EncodedImage, ServiceEvent, new_request_id
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
 
 DETECT_PATHS = frozenset({"/detect", "/v1/detect", "/detect/stream", "/v1/detect/stream"})
@@ -54,10 +57,13 @@ HTTP_STATUS: dict[type[RexOmniError], int] = {
     UnsupportedImageFormat: 415,
     ImageTooLarge: 413,
     InvalidImage: 400,
+    MalformedRequest: 400,
     InvalidRequest: 422,
+    BodyTimeout: 408,
     Unauthenticated: 401,
     Overloaded: 429,
     EngineNotReady: 503,
+    EngineDead: 503,
     RequestTimeout: 504,
     EngineFailure: 500,
 }
@@ -86,25 +92,31 @@ def request_id_of(request: Request) -> str:
     return rid if isinstance(rid, str) else new_request_id()
 
 
+def _fail(request: Request, code: str) -> None:
+    """Put a refusal's code on the request's record (detect paths have one)."""
+    record = getattr(request.state, "record", None)
+    if isinstance(record, RequestRecord):
+        record.fail(code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RexOmniError)
-        if not exc.accounted:
-            _account(request, exc.code)
+        _fail(request, exc.code)
         return error_response(http_status(exc), exc.code, exc.message, request_id_of(request), exc.retry_after_s)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, (RequestValidationError, ValidationError)) else []
         message = validation_summary(errors)
-        _account(request, InvalidRequest.code)
-        return error_response(422, "invalid_request", message or str(exc), request_id_of(request))
+        _fail(request, InvalidRequest.code)
+        return error_response(422, InvalidRequest.code, message or str(exc), request_id_of(request))
 
     async def framework_error(request: Request, exc: Exception) -> JSONResponse:
         # Refusals Starlette makes itself (unknown path, wrong method, a body it cannot
         # parse) in the same error body as ours, and counted like them.
         assert isinstance(exc, StarletteHTTPException)
         code = FRAMEWORK_ERROR_CODES.get(exc.status_code, "http_error")
-        _account(request, code)
+        _fail(request, code)
         response = error_response(exc.status_code, code, str(exc.detail), request_id_of(request))
         response.headers.update(exc.headers or {})
         return response
@@ -115,15 +127,67 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, validation_error)
 
 
-def _account(request: Request, status: str) -> None:
-    """Log and count a request refused before it reached the service (one log line each)."""
-    if request.url.path in DETECT_PATHS:
-        _runtime(request).service.record_rejected(request_id_of(request), "unknown", "http", status)
-
-
 def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def _record(request: Request) -> RequestRecord:
+    """Opened for every detect path by the request-scope middleware."""
+    record = request.state.record
+    assert isinstance(record, RequestRecord)
+    return record
+
+
+# Bodies up to this size are parsed on the event loop (a thread hop costs more than parsing
+# them); larger ones, as every body with a real photo in it, in a worker thread, so a huge body
+# never stalls the other requests' streams and probes.
+INLINE_JSON_BYTES = 64 * 1024
+
+
+def parse_detect_request(body: bytes) -> DetectRequest:
+    """The JSON body, validated. Invalid JSON is a 422 like any invalid field; a body that is
+    not even UTF-8 text is malformed (400), as the web framework answers both."""
+    try:
+        return DetectRequest.model_validate_json(body)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid" and not _is_utf8(body):
+            raise MalformedRequest("the body is not UTF-8 text") from None
+        raise
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+async def _detect_request(request: Request) -> DetectRequest:
+    body = await request.body()
+    if len(body) <= INLINE_JSON_BYTES:
+        return parse_detect_request(body)
+    return await asyncio.to_thread(parse_detect_request, body)
+
+
+# The JSON routes parse their bodies themselves (see _detect_request): their schema is declared
+# here for the OpenAPI document, and its components are added by ``add_request_schemas``.
+JSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{DetectRequest.__name__}"}}},
+    }
+}
+
+
+def add_request_schemas(schema: dict[str, Any]) -> None:
+    """Put the JSON request body's schema (and the ones it refers to) in the OpenAPI components."""
+    body = DetectRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in body.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components[DetectRequest.__name__] = body
 
 
 def _json_field(name: str, raw: str | None) -> Any:
@@ -204,9 +268,9 @@ def _sse_frame(event: ServiceEvent) -> ServerSentEvent | None:
     return None
 
 
-async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSourceResponse:
+async def _sse(request: Request, params: DetectParams, image: EncodedImage) -> EventSourceResponse:
     rid = request_id_of(request)
-    events = _runtime(request).service.stream(params, image, request_id=rid, transport="http")
+    events = _runtime(request).service.stream(params, image, record=_record(request))
     # Run up to AcceptedEvent before answering: invalid input still gets a plain 4xx status.
     try:
         await anext(events)
@@ -235,17 +299,12 @@ async def _sse(request: Request, params: DetectParams, image: bytes) -> EventSou
     return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid}, shutdown_grace_period=grace)
 
 
-async def _base64_image(body: DetectRequest) -> bytes:
-    # Tens of milliseconds for a 20 MB image: off the event loop, like the rest of decoding.
-    return await asyncio.to_thread(decode_base64_image, body.image)
-
-
-async def _detect_while_connected(request: Request, params: DetectParams, image: bytes) -> DetectResult | Response:
+async def _detect_while_connected(
+    request: Request, params: DetectParams, image: EncodedImage
+) -> DetectResult | Response:
     """The unary result; if the client leaves first, the generation is aborted (Starlette does
     not cancel a plain endpoint when its client goes away, so the engine would run on)."""
-    work = asyncio.ensure_future(
-        _runtime(request).service.detect(params, image, request_id=request_id_of(request), transport="http")
-    )
+    work = asyncio.ensure_future(_runtime(request).service.detect(params, image, record=_record(request)))
     try:
         while True:
             done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
@@ -263,10 +322,13 @@ async def _detect_while_connected(request: Request, params: DetectParams, image:
 def build_router() -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
-    async def detect_json(body: DetectRequest, request: Request) -> DetectResult | Response:
+    @router.post(
+        "/v1/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"], openapi_extra=JSON_BODY
+    )
+    async def detect_json(request: Request) -> DetectResult | Response:
         """Detect with a JSON body; the image is base64 or a data URI."""
-        return await _detect_while_connected(request, body, await _base64_image(body))
+        body = await _detect_request(request)
+        return await _detect_while_connected(request, body, body.image)
 
     @router.post("/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
     async def detect_multipart(request: Request, form: Annotated[MultipartForm, Depends()]) -> DetectResult | Response:
@@ -274,11 +336,12 @@ def build_router() -> APIRouter:
         params, data = await form.parse(request, _runtime(request).settings.max_image_bytes)
         return await _detect_while_connected(request, params, data)
 
-    @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
-    async def detect_stream_json(body: DetectRequest, request: Request) -> EventSourceResponse:
+    @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"], openapi_extra=JSON_BODY)
+    async def detect_stream_json(request: Request) -> EventSourceResponse:
         """Server-sent events: ``detection`` per detection as it is decoded, then ``done``
         (the same body as /v1/detect), or ``error``. Bad input fails with a plain 4xx first."""
-        return await _sse(request, body, await _base64_image(body))
+        body = await _detect_request(request)
+        return await _sse(request, body, body.image)
 
     @router.post("/detect/stream", responses=STREAM_RESPONSES, tags=["detect"])
     async def detect_stream_multipart(
@@ -299,17 +362,19 @@ def build_router() -> APIRouter:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/health", tags=["ops"])
-    async def health(request: Request) -> dict[str, Any]:
-        """Liveness: the process answers. Says which model and engine, and any start error."""
+    async def health(request: Request) -> JSONResponse:
+        """Liveness: the process answers, and says which model and engine. 503, with the
+        error, once the model failed to load or the engine died (the server is exiting)."""
         runtime = _runtime(request)
-        return {
-            "status": "ok",
+        body = {
+            "status": "ok" if runtime.error is None else "error",
             "ready": runtime.ready,
             "engine": runtime.engine.name,
             "model": runtime.service.model_label,
             "random_weights": runtime.random_weights,
-            "error": runtime.boot_error,
+            "error": runtime.error,
         }
+        return JSONResponse(body, status_code=200 if runtime.error is None else 503)
 
     @router.get("/ready", tags=["ops"])
     async def ready(request: Request) -> JSONResponse:
@@ -317,9 +382,7 @@ def build_router() -> APIRouter:
         runtime = _runtime(request)
         if runtime.ready:
             return JSONResponse({"ready": True})
-        return JSONResponse(
-            {"ready": False, "error": runtime.boot_error}, status_code=503, headers={"Retry-After": "5"}
-        )
+        return JSONResponse({"ready": False, "error": runtime.error}, status_code=503, headers={"Retry-After": "5"})
 
     @router.get("/v1/tasks", response_model=TasksResponse, tags=["detect"])
     async def tasks() -> TasksResponse:
