@@ -1,15 +1,20 @@
 """The deployment files agree with the server: every series the Grafana dashboard queries is
 one the server exports, every REXOMNI_* variable they set is a real setting, and every probe,
-port and path they name is one the server has."""
+port and path they name is one the server has. And they are closed by default: ports on
+loopback, API keys required in Kubernetes, no privileges, a read-only root filesystem."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
+from rexomni_server.auth import ApiKeys
 from rexomni_server.metrics import Metrics
 from rexomni_server.settings import Settings, unknown_env_settings
 from rexomni_server.transport.http import build_router
@@ -46,6 +51,16 @@ def test_dashboard_uses_the_provisioned_data_source() -> None:
 ROOT = DEPLOY.parent
 SERVER = Settings()
 HTTP_PATHS = {getattr(route, "path", "") for route in build_router().routes}
+# ${NAME:-default} / ${NAME-default}: what compose substitutes when NAME is unset.
+INTERPOLATION = re.compile(r"\$\{(\w+):?-([^}]*)\}")
+
+
+def published_port(spec: str) -> tuple[str, int, int]:
+    """(host address, host port, container port) of a compose short-syntax port, with every
+    ${NAME:-default} at its default; "" for an address means every interface."""
+    address, _, ports = INTERPOLATION.sub(lambda m: m.group(2), spec).rpartition(":")
+    address, _, host = address.rpartition(":")
+    return address.strip("[]"), int(host), int(ports.split("/")[0])
 
 
 def test_every_environment_variable_the_deployments_set_is_a_setting() -> None:
@@ -63,9 +78,10 @@ def test_every_environment_variable_the_deployments_set_is_a_setting() -> None:
 
 def test_compose_and_dockerfile_expose_the_server_ports_and_probe_a_real_path() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    assert set(compose["services"]["rexomni"]["ports"]) == {
-        f"{SERVER.port}:{SERVER.port}",
-        f"{SERVER.grpc_port}:{SERVER.grpc_port}",
+    published = [published_port(spec) for spec in compose["services"]["rexomni"]["ports"]]
+    assert {(host, container) for _, host, container in published} == {
+        (SERVER.port, SERVER.port),
+        (SERVER.grpc_port, SERVER.grpc_port),
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {SERVER.port} {SERVER.grpc_port}" in dockerfile
@@ -103,3 +119,197 @@ def test_orchestrators_wait_longer_than_the_server_drains() -> None:
     assert float(compose["stop_grace_period"][:-1]) > SERVER.drain_timeout_s
     k8s = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
     assert k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > SERVER.drain_timeout_s
+
+
+# -- secure defaults: loopback ports, keys required, least privilege, a read-only root filesystem --
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+# Where the server's stack writes (HOME for everything that writes under ~): with a read-only root
+# filesystem each must point into a writable mount.
+CACHE_VARIABLES = {
+    "HOME",
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "VLLM_CACHE_ROOT",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TORCH_EXTENSIONS_DIR",
+    "FLASHINFER_WORKSPACE_BASE",
+    "CUDA_CACHE_PATH",
+    "OUTLINES_CACHE_DIR",
+    "NUMBA_CACHE_DIR",
+}
+
+
+def compose_service() -> dict[str, Any]:
+    service: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["rexomni"]
+    return service
+
+
+def k8s_docs() -> dict[str, Any]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
+
+
+def k8s_pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_docs()["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def k8s_all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for kind in ("initContainers", "containers", "ephemeralContainers") for c in pod.get(kind, [])]
+
+
+def k8s_server_container() -> dict[str, Any]:
+    container: dict[str, Any]
+    (container,) = k8s_pod_spec()["containers"]
+    return container
+
+
+def k8s_literal_env(container: dict[str, Any]) -> dict[str, str]:
+    return {env["name"]: env["value"] for env in container.get("env", []) if "value" in env}
+
+
+def dockerfile_env() -> dict[str, str]:
+    """Every NAME=VALUE of the Dockerfile's ENV instructions (continuation lines joined)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for pair in line.split()[1:]:
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def under(path: str, mounts: set[str]) -> bool:
+    return any(path == mount or path.startswith(mount.rstrip("/") + "/") for mount in mounts)
+
+
+def test_compose_publishes_every_port_on_loopback_unless_the_operator_opts_in() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    specs = [spec for service in services.values() for spec in service.get("ports", [])]
+    assert specs
+    for spec in specs:
+        address, _, _ = published_port(spec)
+        assert address in LOOPBACK, f"{spec} is published beyond loopback by default"
+    # The server's ports take an opt-in address (never a REXOMNI_* name: those are server settings).
+    for spec in compose_service()["ports"]:
+        (name,) = {m.group(1) for m in INTERPOLATION.finditer(spec)}
+        assert not name.startswith("REXOMNI_")
+
+
+def test_compose_runs_the_server_with_least_privilege_on_a_read_only_root() -> None:
+    service = compose_service()
+    assert str(service["user"]).split(":")[0] == "1000"  # the image's user, never root
+    assert service["cap_drop"] == ["ALL"] and not service.get("cap_add")
+    assert {"no-new-privileges:true", "no-new-privileges"} & set(service["security_opt"])
+    assert service.get("privileged", False) is False
+    assert service["read_only"] is True
+    # Still what vLLM needs: shared memory and a GPU.
+    assert service["ipc"] == "host"
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    # With the root read-only, every place the image's and compose's environment sends writes is
+    # a tmpfs or a volume.
+    writable = {entry.split(":")[0] for entry in service["tmpfs"]}
+    writable |= {volume.split(":")[1] for volume in service["volumes"] if not volume.endswith(":ro")}
+    assert {"/tmp", "/models"} <= writable
+    env = {**dockerfile_env(), **service["environment"]}
+    assert set(env) >= CACHE_VARIABLES
+    for name in CACHE_VARIABLES:
+        assert under(env[name], writable), f"{name}={env[name]} is not on a writable mount"
+
+
+def test_dockerfile_sets_the_writable_places_the_manifest_does() -> None:
+    """`docker run --read-only --tmpfs /tmp -v ...:/models` and Kubernetes see the same layout."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    volumes = set(re.findall(r"^VOLUME\s+(\S+)", dockerfile, re.MULTILINE))
+    user = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)[-1]
+    assert user.isdigit() and int(user) != 0  # numeric, so Kubernetes can check runAsNonRoot
+    env, manifest = dockerfile_env(), k8s_literal_env(k8s_server_container())
+    for name in CACHE_VARIABLES:
+        assert env[name] == manifest[name]
+        assert under(env[name], volumes | {"/tmp"}), f"{name}={env[name]}"
+    assert "--read-only" in dockerfile and "--tmpfs /tmp" in dockerfile  # the documented way to run it
+
+
+def test_kubernetes_fails_closed_without_the_api_key_secret() -> None:
+    container = k8s_server_container()
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["REXOMNI_REQUIRE_API_KEYS"]["value"] == "true"
+    # The keys come from a secret, never the manifest, and a missing secret stops the pod.
+    key_sources = [env[name] for name in ("REXOMNI_API_KEYS", "REXOMNI_API_KEYS_FILE") if name in env]
+    assert key_sources and all("value" not in source for source in key_sources)
+    secret_refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    secret_volumes = [v["secret"] for v in k8s_pod_spec().get("volumes", []) if "secret" in v]
+    assert secret_refs or secret_volumes
+    for ref in secret_refs + secret_volumes:
+        assert ref.get("optional", False) is False, f"{ref}: a missing secret would serve an open endpoint"
+
+
+def test_the_manifest_settings_refuse_to_start_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's REXOMNI_* values, with an empty key secret: the server stops at start-up."""
+    for name in [n for n in os.environ if n.startswith("REXOMNI_")]:
+        monkeypatch.delenv(name)
+    for name, value in k8s_literal_env(k8s_server_container()).items():
+        if name.startswith("REXOMNI_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("REXOMNI_API_KEYS", "")  # the secret's key holds nothing
+    settings = Settings()
+    assert settings.require_api_keys is True
+    with pytest.raises(ValueError):
+        ApiKeys.from_settings(settings)
+    monkeypatch.setenv("REXOMNI_API_KEYS", "k1,k2")
+    assert ApiKeys.from_settings(Settings()).keys == (b"k1", b"k2")
+
+
+def test_require_api_keys_refuses_to_run_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REXOMNI_API_KEYS", "REXOMNI_API_KEYS_FILE", "REXOMNI_REQUIRE_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    for empty in ("", " , "):
+        settings = Settings(require_api_keys=True, api_keys=empty)
+        with pytest.raises(ValueError):
+            ApiKeys.from_settings(settings)
+    assert ApiKeys.from_settings(Settings(require_api_keys=True, api_keys="k")).enabled
+    assert not ApiKeys.from_settings(Settings()).enabled  # open only when asked for: the default
+
+
+def test_kubernetes_pod_and_every_container_run_with_least_privilege() -> None:
+    pod = k8s_pod_spec()
+    assert pod["automountServiceAccountToken"] is False
+    assert not any(pod.get(host) for host in ("hostNetwork", "hostPID", "hostIPC"))
+    pod_context = pod["securityContext"]
+    assert pod_context["runAsNonRoot"] is True
+    assert pod_context["runAsUser"] == pod_context["runAsGroup"] == pod_context["fsGroup"] == 1000
+    assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}
+    containers = k8s_all_containers(pod)
+    assert containers
+    for container in containers:
+        context = container["securityContext"]
+        effective = {**pod_context, **context}
+        assert effective["runAsNonRoot"] is True and effective["runAsUser"] != 0, container["name"]
+        assert effective["seccompProfile"]["type"] == "RuntimeDefault", container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add"), container["name"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context.get("privileged", False) is False, container["name"]
+
+
+def test_kubernetes_read_only_root_leaves_every_cache_a_writable_mount() -> None:
+    pod = k8s_pod_spec()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = [v for v in volumes.values() if v.get("emptyDir", {}).get("medium") == "Memory"]
+    for container in k8s_all_containers(pod):
+        mounts = {
+            m["mountPath"]
+            for m in container.get("volumeMounts", [])
+            if not m.get("readOnly") and {"emptyDir", "persistentVolumeClaim"} & set(volumes[m["name"]])
+        }
+        assert {"/tmp", "/dev/shm"} <= mounts, container["name"]  # tempfile, vLLM's IPC; shared memory
+        env = k8s_literal_env(container)
+        if container in pod["containers"]:
+            assert set(env) >= CACHE_VARIABLES, container["name"]
+        for name, value in env.items():
+            if name in CACHE_VARIABLES or value.startswith("/"):
+                assert under(value, mounts), f"{container['name']}: {name}={value} is not on a writable mount"
+    assert shm and all(v["emptyDir"].get("sizeLimit") for v in shm)  # vLLM's /dev/shm, in memory
