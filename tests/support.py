@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import httpx
 from PIL import Image
 
 
@@ -42,3 +46,60 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def wait_serving(url: str, timeout_s: float = 60.0) -> None:
+    """Until the HTTP server at ``url`` answers /ready with 200 (a hang guard, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as client:
+        while True:
+            try:
+                if (await client.get(f"{url}/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not become ready")
+            await asyncio.sleep(0.05)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                health: dict[str, object] = httpx.get(f"{url}/health", timeout=2).json()
+                return health
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become ready")
+
+
+def serve_process(
+    args: list[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
+    """``rexomni-server serve ARGS`` on free loopback ports, until it is ready; yields (url, the
+    process, /health plus ``grpc_target``); terminated afterwards. For ``yield from``."""
+    port, grpc_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexomni_server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_ready(url, proc)
+        yield url, proc, {**health, "grpc_target": f"127.0.0.1:{grpc_port}"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

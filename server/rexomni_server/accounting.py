@@ -106,6 +106,14 @@ async def deadline_guard(record: RequestRecord, grace_s: float = DEADLINE_GRACE_
     transport is then. The service keeps the budget itself while it is asked for events, but
     an answer whose client stopped reading waits in the transport's send, out of its reach."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as timeout:
-        record.on_deadline = lambda seconds: timeout.reschedule(loop.time() + seconds + grace_s)
-        yield
+    try:
+        async with asyncio.timeout(None) as timeout:
+            record.on_deadline = lambda seconds: timeout.reschedule(loop.time() + seconds + grace_s)
+            yield
+    except TimeoutError:
+        # The cancellation that ended the request was recorded as "cancelled" where it landed;
+        # its cause was the deadline.
+        record.status = RequestTimeout.code
+        raise
+    finally:
+        record.on_deadline = None

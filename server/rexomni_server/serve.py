@@ -188,6 +188,8 @@ async def serve(settings: Settings, runtime: Runtime | None = None) -> int:
         for waiter in (stopped, fatal):
             waiter.cancel()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         log.info("shutting down", extra={"fields": {"in_flight": runtime.service.in_flight}})
         if servers is not None:
             # After a fatal error the requests in flight have failed already: nothing to wait for.

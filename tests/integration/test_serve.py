@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,55 +19,15 @@ import httpx
 import pytest
 
 from rexomni_client import RexOmniClient, RexOmniGrpcClient, RexOmniHTTPError
-from tests.support import free_port, image_bytes
+from tests.support import free_port, image_bytes, serve_process
 
 pytestmark = pytest.mark.slow
 FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><499><999><|box_end|>"
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                health: dict[str, object] = httpx.get(f"{url}/health", timeout=2).json()
-                return health
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("server did not become ready")
-
-
-def serve(
-    args: list[str], env: dict[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
-    port, grpc_port = free_port(), free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rexomni_server.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--grpc-port",
-        str(grpc_port),
-        *args,
-    ]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        health = wait_ready(url, proc)
-        yield url, proc, {**health, "grpc_target": f"127.0.0.1:{grpc_port}"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
-    yield from serve(["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"])
+    yield from serve_process(["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"])
 
 
 def test_client_against_real_server(
@@ -161,7 +120,7 @@ def test_one_structured_log_line_per_request(
 
 def test_offline_fallback_serves_the_labelled_tiny_model(tiny_model_dir: Path) -> None:
     env = {"REXOMNI_TINY_MODEL_DIR": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
-    for url, _, health in serve(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
+    for url, _, health in serve_process(["--model", "no-such-org/no-such-model", "--fallback-to-tiny"], env):
         assert health["random_weights"] is True
         assert "RANDOM WEIGHTS" in str(health["model"])
         with RexOmniClient(url) as client:  # and every result says so too
@@ -207,7 +166,7 @@ def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
     forced = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>"
     forced += ", ".join(f"<{i}><{i}><{i + 9}><{i + 9}>" for i in range(boxes)) + "<|box_end|>"
     args = ["--model", str(tiny_model_dir), "--engine", "transformers", "--allow-forced-output"]
-    for url, proc, health in serve(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
+    for url, proc, health in serve_process(args, {"REXOMNI_DRAIN_TIMEOUT_S": drain_s}):
         first, grpc_first = threading.Event(), threading.Event()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             streamed = pool.submit(_stream_until_done, url, forced, first)

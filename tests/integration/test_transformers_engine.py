@@ -187,3 +187,36 @@ async def test_the_checkpoints_own_end_tokens_also_end_the_answer() -> None:
         await engine.stop()
     assert "".join(e.text for e in events) == FORCED  # stopped at <|endoftext|>, which is not shown
     assert events[-1].finish_reason == "stop"
+
+
+async def test_a_sticky_device_error_kills_the_engine_and_a_plain_failure_does_not(
+    tiny_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA errors such as an illegal memory access leave the device unusable: the engine reports
+    itself failed (the server then exits) and refuses further work. Out of memory, or any other
+    error, fails one request only."""
+    from rexomni_server.errors import EngineDead, EngineFailure
+
+    loaded = engine_of(tiny_runtime)
+    engine = TransformersEngine.from_loaded(loaded._model, loaded._tokenizer, loaded._image_processor, label="tiny")
+    await engine.start()
+    failures = iter(
+        [
+            RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            RuntimeError("CUDA error: an illegal memory access was encountered"),
+        ]
+    )
+
+    def failing_generate(**kwargs: Any) -> Any:
+        raise next(failures)
+
+    monkeypatch.setattr(engine._model, "generate", failing_generate)
+    with pytest.raises(EngineFailure):
+        await collect(engine, request("oom"))
+    assert engine.failure is None  # out of memory: the next, smaller request may succeed
+    with pytest.raises(EngineDead, match="illegal memory access"):
+        await collect(engine, request("sticky"))
+    assert engine.failure is not None and "illegal memory access" in engine.failure
+    with pytest.raises(EngineDead):  # refused at once, the model is not touched again
+        await collect(engine, request("after"))
+    await engine.stop()
