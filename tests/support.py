@@ -79,7 +79,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 
 
 def serve_process(
-    args: list[str], env: dict[str, str] | None = None
+    args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, object]]]:
     """``rexomni-server serve ARGS`` on free loopback ports, until it is ready; yields (url, the
     process, /health plus ``grpc_target``); terminated afterwards. For ``yield from``."""
@@ -98,7 +98,7 @@ def serve_process(
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        health = wait_ready(url, proc)
+        health = wait_ready(url, proc, timeout_s)
         yield url, proc, {**health, "grpc_target": f"127.0.0.1:{grpc_port}"}
     finally:
         proc.terminate()

@@ -139,8 +139,17 @@ class Runtime:
         return self.service.engine
 
     @property
+    def problem(self) -> str | None:
+        """Why this server cannot serve, as soon as it is known: a failed load, or an engine that
+        reports itself dead (before the watcher has turned that into ``error``)."""
+        if self.error is not None:
+            return self.error
+        failure = self.engine.failure
+        return None if failure is None else describe_death(failure)
+
+    @property
     def ready(self) -> bool:
-        return self.error is None and self.engine.ready
+        return self.problem is None and self.engine.ready
 
     def start_background(self) -> None:
         self._boot = asyncio.create_task(self._start())
@@ -186,7 +195,7 @@ class Runtime:
             await asyncio.sleep(ENGINE_WATCH_S)
             failure = self.engine.failure
             if failure is not None:
-                self._fail(f"the engine died: {failure}")
+                self._fail(describe_death(failure))
                 return
 
     def _fail(self, error: str) -> None:
@@ -203,6 +212,10 @@ class Runtime:
         if self._boot is not None and not self._boot.done():
             self._boot.cancel()
         await self.engine.stop()
+
+
+def describe_death(failure: str) -> str:
+    return f"the engine died: {failure}"
 
 
 def describe(exc: BaseException) -> str:

@@ -366,15 +366,16 @@ def build_router() -> APIRouter:
         """Liveness: the process answers, and says which model and engine. 503, with the
         error, once the model failed to load or the engine died (the server is exiting)."""
         runtime = _runtime(request)
+        problem = runtime.problem
         body = {
-            "status": "ok" if runtime.error is None else "error",
+            "status": "ok" if problem is None else "error",
             "ready": runtime.ready,
             "engine": runtime.engine.name,
             "model": runtime.service.model_label,
             "random_weights": runtime.random_weights,
-            "error": runtime.error,
+            "error": problem,
         }
-        return JSONResponse(body, status_code=200 if runtime.error is None else 503)
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
     @router.get("/ready", tags=["ops"])
     async def ready(request: Request) -> JSONResponse:
@@ -382,7 +383,7 @@ def build_router() -> APIRouter:
         runtime = _runtime(request)
         if runtime.ready:
             return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False, "error": runtime.error}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"ready": False, "error": runtime.problem}, status_code=503, headers={"Retry-After": "5"})
 
     @router.get("/v1/tasks", response_model=TasksResponse, tags=["detect"])
     async def tasks() -> TasksResponse:
