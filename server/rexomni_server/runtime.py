@@ -96,7 +96,7 @@ def build_engine(settings: Settings, model_path: str) -> Engine:
     if name == "scripted":
         from rexomni_server.engines.scripted import ScriptedEngine
 
-        return ScriptedEngine()
+        return ScriptedEngine(token_delay_s=settings.scripted_token_delay_s)
     raise InvalidRequest(f"engine {name!r} is not available in this installation")
 
 

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         description="On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cut "
         "(new connections are refused at once).",
     )
+    scripted_token_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="engine=scripted (no model): seconds per replayed token, to simulate decode time in load tests.",
+    )
     allow_forced_output: bool = Field(
         default=False, description="Accept options.forced_output (tests and benchmarks only)."
     )

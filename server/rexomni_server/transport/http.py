@@ -33,6 +33,9 @@ from rexomni_server.errors import (
 )
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import (
+    MAX_CATEGORY_ENTRIES,
+    MAX_FORCED_OUTPUT_CHARS,
+    MAX_VISUAL_PROMPT_BOXES,
     REQUEST_ID_HEADER,
     DetectParams,
     DetectRequest,
@@ -145,9 +148,23 @@ def _record(request: Request) -> RequestRecord:
 INLINE_JSON_BYTES = 64 * 1024
 
 
+# Parsing costs time per JSON value, and the parser holds the interpreter's lock even in a
+# worker thread: 2 million categories stall every other request for a quarter of a second. A
+# valid body has a few hundred values besides the text of forced_output, so a body with more
+# separators than that text could hold is refused before it is parsed (counting them takes
+# milliseconds).
+MAX_JSON_SEPARATORS = MAX_FORCED_OUTPUT_CHARS + 1024
+
+
 def parse_detect_request(body: bytes) -> DetectRequest:
     """The JSON body, validated. Invalid JSON is a 422 like any invalid field; a body that is
     not even UTF-8 text is malformed (400), as the web framework answers both."""
+    separators = body.count(b",")
+    if separators > MAX_JSON_SEPARATORS:
+        raise InvalidRequest(
+            f"the body holds {separators} JSON values or more, far more than a request can use "
+            f"(at most {MAX_CATEGORY_ENTRIES} categories, {MAX_VISUAL_PROMPT_BOXES} visual prompt boxes)"
+        )
     try:
         return DetectRequest.model_validate_json(body)
     except ValidationError as exc:
