@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -286,3 +287,22 @@ async def test_sse_sends_keep_alive_comments_while_the_model_thinks(monkeypatch:
             lines = [line async for line in stream.aiter_lines()]
     assert any(line.startswith(":") for line in lines)  # comments: ignored by SSE clients, keep proxies open
     assert "event: done" in lines
+
+
+async def test_a_body_of_millions_of_values_is_refused_before_it_is_parsed(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rexomni_server.schemas import DetectRequest
+    from rexomni_server.transport.http import MAX_JSON_SEPARATORS
+
+    def never(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the body was parsed")
+
+    values = json.dumps({"image": B64, "categories": [1] * (MAX_JSON_SEPARATORS + 1)}, separators=(",", ":"))
+    with monkeypatch.context() as patched:
+        patched.setattr(DetectRequest, "model_validate_json", never)
+        refused = await client.post("/v1/detect", content=values, headers={"content-type": "application/json"})
+    assert refused.status_code == 422 and "JSON values" in refused.json()["error"]["message"]
+    # A forced output full of commas is text, not values: still within the count.
+    commas = {"image": B64, "categories": ["a"], "options": {"forced_output": "," * 200_000}}
+    assert (await client.post("/v1/detect", json=commas)).status_code != 422
