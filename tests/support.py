@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -63,11 +64,16 @@ async def wait_serving(url: str, timeout_s: float = 60.0) -> None:
             await asyncio.sleep(0.05)
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, object]:
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 120, log: Path | None = None
+) -> dict[str, object]:
+    """Until the server process answers /ready with 200; returns its /health. ``log``: the file
+    its output goes to, quoted when it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
+            said = f":\n{log.read_text()[-4000:]}" if log is not None else ""
+            raise AssertionError(f"server exited with {proc.returncode}{said}")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 health: dict[str, object] = httpx.get(f"{url}/health", timeout=2).json()

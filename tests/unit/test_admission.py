@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -50,19 +51,32 @@ async def test_a_request_larger_than_the_queue_is_refused_with_advice() -> None:
     assert result.detections
 
 
-async def test_images_decode_in_the_bounded_pool_and_a_full_decode_queue_refuses_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    gate = threading.Event()
-    threads: list[str] = []
+@dataclass
+class HeldDecodes:
+    """Image decodes that wait for ``gate``; each records its thread and its image."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    threads: list[str] = field(default_factory=list)
+    images: list[object] = field(default_factory=list)
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> HeldDecodes:
+    held = HeldDecodes()
     decode = service_module.decode_and_prepare
 
-    def held_decode(*args: object) -> object:
-        threads.append(threading.current_thread().name)
-        gate.wait(10)
-        return decode(*args)  # type: ignore[arg-type]
+    def held_decode(image: object, *args: object) -> object:
+        held.threads.append(threading.current_thread().name)
+        held.images.append(image)
+        held.gate.wait(10)
+        return decode(image, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service_module, "decode_and_prepare", held_decode)
+    return held
+
+
+async def test_images_decode_in_the_bounded_pool_and_a_full_decode_queue_refuses_at_once(held: HeldDecodes) -> None:
+    gate, threads = held.gate, held.threads
     service = await batching_service(decode_workers=1, decode_queue=2)
     waiting = [asyncio.create_task(service.detect(params("a"), IMAGE)) for _ in range(2)]
     await wait_until(lambda: service.decoding == 2, what="two images in the decode queue")
@@ -76,19 +90,8 @@ async def test_images_decode_in_the_bounded_pool_and_a_full_decode_queue_refuses
     assert service.decoding == 0
 
 
-async def test_a_request_whose_budget_runs_out_in_the_decode_queue_is_never_decoded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    gate = threading.Event()
-    decoded: list[bytes] = []
-    decode = service_module.decode_and_prepare
-
-    def held_decode(image: bytes, *args: object) -> object:
-        decoded.append(image)
-        gate.wait(10)
-        return decode(image, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(service_module, "decode_and_prepare", held_decode)
+async def test_a_request_whose_budget_runs_out_in_the_decode_queue_is_never_decoded(held: HeldDecodes) -> None:
+    gate, decoded = held.gate, held.images
     service = await batching_service(decode_workers=1, request_timeout_s=0.3)
     holder = asyncio.create_task(service.detect(params("a"), IMAGE))
     await wait_until(lambda: len(decoded) == 1, what="the first decode to start")

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from rexomni_client import RexOmniClient, RexOmniHTTPError
-from tests.support import free_port, image_bytes
+from tests.support import free_port, image_bytes, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "k8s" / "rexomni.yaml"
@@ -83,20 +82,6 @@ def read_only_root(tmp: Path) -> list[str]:
     return prefix
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("server did not become ready")
-
-
 @pytest.fixture
 def server_on_read_only_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """The tiny model on the transformers engine, under the manifest's environment and mounts."""
@@ -115,7 +100,7 @@ def server_on_read_only_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     with log.open("wb") as stderr:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_ready(url, proc, log)
+        wait_ready(url, proc, log=log)
         yield url, tmp
     finally:
         proc.terminate()

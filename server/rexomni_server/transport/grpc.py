@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
@@ -118,38 +119,36 @@ class DetectorServicer(pb_grpc.DetectorServicer):  # type: ignore[misc]
             return decode_request(data)
         return await asyncio.to_thread(decode_request, data)
 
-    async def Detect(self, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext) -> AsyncIterator[RequestRecord]:
+        """One call: its record (logged and counted once), held to its time budget; a domain
+        error or the deadline ends the call with its status."""
         request_id = request_id_of(context.invocation_metadata())
         with self._runtime.service.ledger.scope(request_id, "grpc") as record:
             try:
                 async with deadline_guard(record):
-                    params, image = await self._params(data)
-                    result = await self._runtime.service.detect(
-                        params, image, record=record, timeout_s=context.time_remaining()
-                    )
+                    yield record
             except TimeoutError:
                 await _abort(context, record, RequestTimeout("the request exceeded its time budget"))
             except RexOmniError as exc:
                 await _abort(context, record, exc)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+
+    async def Detect(self, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async with self._call(context) as record:
+            params, image = await self._params(data)
+            result = await self._runtime.service.detect(
+                params, image, record=record, timeout_s=context.time_remaining()
+            )
+            await context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
             return result_to_pb(result)
 
     async def DetectStream(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
-        request_id = request_id_of(context.invocation_metadata())
-        with self._runtime.service.ledger.scope(request_id, "grpc") as record:
-            try:
-                async with deadline_guard(record):
-                    params, image = await self._params(data)
-                    events = self._runtime.service.stream(
-                        params, image, record=record, timeout_s=context.time_remaining()
-                    )
-                    async with contextlib.aclosing(events):  # type: ignore[type-var]
-                        async for event in events:
-                            await _send(context, request_id, event)
-            except TimeoutError:
-                await _abort(context, record, RequestTimeout("the request exceeded its time budget"))
-            except RexOmniError as exc:
-                await _abort(context, record, exc)
+        async with self._call(context) as record:
+            params, image = await self._params(data)
+            events = self._runtime.service.stream(params, image, record=record, timeout_s=context.time_remaining())
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    await _send(context, record.request_id, event)
 
 
 async def _send(context: grpc.aio.ServicerContext, request_id: str, event: ServiceEvent) -> None:
