@@ -121,6 +121,20 @@ def test_orchestrators_wait_longer_than_the_server_drains() -> None:
     assert k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > SERVER.drain_timeout_s
 
 
+def test_orchestrators_restart_a_server_that_exits() -> None:
+    """A failed model load or a dead engine makes the server exit with status 1 (and /health
+    answer 503 meanwhile): the orchestrators must start a new one, not leave it down."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["rexomni"]
+    assert compose["restart"] in ("always", "unless-stopped", "on-failure")
+    k8s = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod.get("restartPolicy", "Always") == "Always"
+    (container,) = pod["containers"]
+    liveness = container["livenessProbe"]  # probes what turns unhealthy when the engine dies
+    assert "grpc" in liveness or liveness["httpGet"]["path"] == "/health"
+    assert SERVER.engine_failure_exit_s < liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
+
+
 # -- secure defaults: loopback ports, keys required, least privilege, a read-only root filesystem --
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
