@@ -272,11 +272,16 @@ async def test_grpc_reads_no_more_than_an_image_at_the_limit_needs(
 
 async def test_grpc_overloaded_is_unavailable(live_servers: tuple[str, str], tiny_runtime: Runtime) -> None:
     _, target = live_servers
-    with overridden_settings(tiny_runtime, max_queue=0):
+    with overridden_settings(tiny_runtime, max_queue=1):
         async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+            holder = stub.DetectStream(grpc_request(forced_boxes(400)))  # seconds: it holds the only slot
+            await holder.read()
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await pb_grpc.DetectorStub(channel).Detect(grpc_request(forced_boxes(1)))
+                await stub.Detect(grpc_request(forced_boxes(1)))
+            holder.cancel()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(err.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "1000"
 
 
 async def test_grpc_health_flips_with_readiness(tiny_model_dir: Any) -> None:
