@@ -22,9 +22,10 @@ from rexomni_server.transport.convert import (
 
 def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, int | str]]:
     """Message limits, and gRPC's own retry policy for "not now" answers (UNAVAILABLE: queue
-    full, loading, restarting). It waits as long as the server's pushback says and never
-    retries once a response message has arrived, so streams are not replayed.
-    RESOURCE_EXHAUSTED (a message over the server's limit) is final."""
+    full, loading, restarting; CANCELLED before any answer: a server that was stopping
+    dropped the call before handling it, and detection has no side effects). It waits as long
+    as the server's pushback says and never retries once a response message has arrived, so
+    streams are not replayed. RESOURCE_EXHAUSTED (a message over the server's limit) is final."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -35,7 +36,7 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, in
             "initialBackoff": "0.5s",
             "maxBackoff": "30s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
         config = {"methodConfig": [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]}
         options += [

@@ -106,3 +106,29 @@ async def test_probes_and_unknown_paths_are_not_counted_as_detect_requests(
     for path in ("/health", "/ready", "/metrics", "/nowhere"):
         await client.get(path)
     assert not [r for r in caplog.records if r.name == "rexomni.requests"]
+
+
+async def test_a_client_that_leaves_mid_body_is_cancelled_not_an_error(
+    served: tuple[httpx.AsyncClient, Runtime], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, runtime = served
+    caplog.set_level("INFO")
+    from rexomni_server.app import create_app
+
+    app = create_app(runtime=runtime)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100000"), (b"x-api-key", b"secret")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/detect", "headers": headers, "query_string": b""}
+    scope |= {"asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http", "root_path": ""}
+    scope |= {"raw_path": b"/v1/detect", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    messages = iter([{"type": "http.request", "body": b'{"image": "', "more_body": True}])
+
+    async def receive() -> dict[str, object]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    await app(scope, receive, send)
+    lines = [getattr(r, "fields", {}) for r in caplog.records if r.name == "rexomni.requests"]
+    assert [line["status"] for line in lines] == ["cancelled"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback: nothing failed

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rexomni_server.engines.base import EngineEvent, EngineRequest
+from rexomni_server.engines.base import EngineEvent, EngineRequest, SamplingConfig
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
 from rexomni_server.schemas import DetectParams
@@ -323,3 +323,29 @@ async def test_visual_prompt_boxes_are_binned_against_the_users_image_not_the_re
     )
     await service.detect(request, image)
     assert '"object_1": ["<499><499><999><999>"]' in engine.requests[-1].task_text
+
+
+async def test_the_scripted_engine_lets_the_event_loop_run_during_a_long_replay() -> None:
+    """Without a token delay it still waits every few tokens, as a real engine's stream does:
+    other requests, disconnects and probes are served during a long answer."""
+    from rexomni_server.engines.scripted import YIELD_EVERY_TOKENS
+
+    boxes = ", ".join("<1><2><3><4>" for _ in range(500))
+    engine = ScriptedEngine(default_output=f"<|object_ref_start|>a<|object_ref_end|><|box_start|>{boxes}<|box_end|>")
+    await engine.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    sampling = SamplingConfig(max_new_tokens=4096, temperature=0.0, top_p=0.8, top_k=1, repetition_penalty=1.05)
+    request = EngineRequest("r", "Detect a.", None, sampling)  # type: ignore[arg-type]
+    events = [event async for event in engine.stream(request)]
+    running.cancel()
+    tokens = sum(event.tokens for event in events)
+    assert tokens > 2000 and ticks >= tokens // YIELD_EVERY_TOKENS - 1

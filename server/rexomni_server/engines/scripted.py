@@ -16,6 +16,10 @@ from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.errors import EngineDead, EngineNotReady
 
 KEEP_REQUESTS = 64
+# Without a token delay the replay would never wait, and so never let the event loop run: other
+# requests, disconnects and probes would wait for a whole answer. A real engine's stream waits
+# for every token; this one lets the loop run every few tokens.
+YIELD_EVERY_TOKENS = 16
 _PIECES = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]|<")
 
 
@@ -93,12 +97,14 @@ class ScriptedEngine:
         self._check_alive()
         yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
         coordinates = 0
-        for piece in pieces[:budget]:
+        for index, piece in enumerate(pieces[:budget]):
             if request.request_id in self._aborted:
                 yield EngineEvent(finish_reason="abort")
                 return
             if self._delay:
                 await asyncio.sleep(self._delay)
+            elif index % YIELD_EVERY_TOKENS == 0:
+                await asyncio.sleep(0)
             self._check_alive()
             is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
             logprobs: tuple[float, ...] = ()

@@ -14,8 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from rexomni_server.accounting import RequestRecord
+from rexomni_server.accounting import CANCELLED, RequestRecord
 from rexomni_server.errors import (
     BodyTimeout,
     EngineDead,
@@ -124,6 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})
         return response
 
+    async def client_left(request: Request, exc: Exception) -> Response:
+        # The client went away while it sent its body (or a guard refused the body and said
+        # so): nobody is there to read an answer, and nothing failed on our side.
+        _fail(request, CANCELLED)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(RexOmniError, domain_error)
     app.add_exception_handler(StarletteHTTPException, framework_error)
     app.add_exception_handler(RequestValidationError, validation_error)
