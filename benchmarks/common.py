@@ -62,6 +62,14 @@ def jpeg_bytes(width: int = 640, height: int = 480) -> bytes:
     return buf.getvalue()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

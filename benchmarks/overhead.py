@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import grpc
 import httpx
 
-from benchmarks.common import Bench, b64, jpeg_bytes, realistic_forced, start_bench
+from benchmarks.common import Bench, b64, free_port, jpeg_bytes, realistic_forced, start_bench
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
 from rexomni_server.engines.forced import forced_token_ids
@@ -99,12 +98,6 @@ async def our_paths(args: argparse.Namespace, bench: Bench, image: bytes, forced
         await servers.stop(0)
         await bench.runtime.stop()  # the engine goes; its checkpoint stays for `vllm serve`
     return results
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes, forced: str) -> tuple[float, int]:

@@ -14,7 +14,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,18 +25,12 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import b64, jpeg_bytes, single_label_forced
+from benchmarks.common import b64, free_port, jpeg_bytes, single_label_forced
 from benchmarks.load import percentile
 
 KEY = "bench-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 PROBE_EVERY_S = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(keys_file: Path) -> tuple[subprocess.Popen[bytes], str]:
