@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from enum import Enum, auto
 
-from rexomni_server.coords import MAX_BIN, from_bin
+from rexomni_server.coords import MAX_BIN, NUM_BINS, bin_token, from_bin
 from rexomni_server.tasks import TASKS, Geometry, Task
 
 OBJECT_REF_START = "<|object_ref_start|>"
@@ -60,83 +59,53 @@ class ParseState:
 
 
 MAX_BIN_DIGITS = 4  # longer digit runs between < > are never a coordinate bin
-_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
-_COORD = re.compile(r"<(\d{1,4})>")
+# One lexeme of the phrase-group grammar, by its group: a special token, a coordinate token
+# (and its digits), or plain text (a run without "<", or a "<" that starts no token).
+_LEXEME = re.compile(r"(<\|[a-z_]+\|>)|(<(\d{1,4})>)|([^<]+|<)")
 # A buffer tail that may still grow into a special or coordinate token.
 _PARTIAL = re.compile(r"<(\|[a-z_]*\|?|\d{0,4})\Z")
 _COORD_ANYWHERE = re.compile(r"<(\d+)>")
 
+# Engines stream one token per delta: these whole tokens skip the lexer's regular expressions.
+_BIN_OF_TOKEN = {bin_token(b): b for b in range(NUM_BINS)}
+_KNOWN_SPECIALS = frozenset((OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, IM_END))
 
-class _Kind(Enum):
-    TEXT = auto()
-    SPECIAL = auto()
-    COORD = auto()
-
-
-@dataclass(frozen=True)
-class _Lexeme:
-    kind: _Kind
-    text: str
-    value: int = -1
-
-
-class _Lexer:
-    """Splits streamed text into special tokens, coordinate tokens and plain text."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-
-    def feed(self, chunk: str) -> list[_Lexeme]:
-        self._buffer += chunk
-        buf = self._buffer
-        out: list[_Lexeme] = []
-        pos = 0
-        while pos < len(buf):
-            lt = buf.find("<", pos)
-            if lt == -1:
-                out.append(_Lexeme(_Kind.TEXT, buf[pos:]))
-                pos = len(buf)
-                break
-            if lt > pos:
-                out.append(_Lexeme(_Kind.TEXT, buf[pos:lt]))
-                pos = lt
-            special = _SPECIAL.match(buf, pos)
-            if special:
-                out.append(_Lexeme(_Kind.SPECIAL, special.group()))
-                pos = special.end()
-                continue
-            coord = _COORD.match(buf, pos)
-            if coord:
-                out.append(_Lexeme(_Kind.COORD, coord.group(), int(coord.group(1))))
-                pos = coord.end()
-                continue
-            if _PARTIAL.match(buf, pos):
-                break  # wait for the rest of this token
-            out.append(_Lexeme(_Kind.TEXT, "<"))
-            pos += 1
-        self._buffer = buf[pos:]
-        return out
-
-    @property
-    def pending(self) -> str:
-        return self._buffer
-
-
-class _GroupState(Enum):
-    OUTSIDE = auto()
-    PHRASE = auto()
-    AFTER_PHRASE = auto()
-    COORDS = auto()
-    DONE = auto()
+# States of the phrase-group grammar (plain ints: compared once per token).
+_OUTSIDE, _PHRASE, _AFTER_PHRASE, _COORDS, _DONE = range(5)
+# Coordinates after which a detection is complete without waiting for its group to close.
+_EAGER_COORDINATES = {Geometry.BOX: 4, Geometry.POINT: 2}
 
 
 class _PhraseGroupParser:
+    """The phrase-group grammar: a lexer feeding a state machine, one handler per lexeme kind.
+
+    The lexer holds back only a tail that may still grow into a token (``<12``, ``<|box_e``);
+    when nothing is held and a chunk is exactly one token (the usual engine delta), it is
+    dispatched without the regular expressions. Both routes yield the same lexemes, so the
+    result does not depend on the chunking.
+    """
+
+    __slots__ = (
+        "_coordinate_count",
+        "_coords",
+        "_eager",
+        "_emitted_current",
+        "_height",
+        "_label",
+        "_ordinals",
+        "_pending",
+        "_phrase",
+        "_state",
+        "_width",
+        "result",
+    )
+
     def __init__(self, geometry: Geometry, width: int, height: int) -> None:
-        self._eager = {Geometry.BOX: 4, Geometry.POINT: 2}.get(geometry)
+        self._eager = _EAGER_COORDINATES.get(geometry, 0)  # 0: only when the group closes
         self._width = width
         self._height = height
-        self._lexer = _Lexer()
-        self._state = _GroupState.OUTSIDE
+        self._pending = ""  # the start of a token cut off by the end of the last chunk
+        self._state = _OUTSIDE
         self._phrase: list[str] = []
         self._label = ""
         self._coords: list[int] = []
@@ -148,106 +117,146 @@ class _PhraseGroupParser:
     # -- public -------------------------------------------------------------------------
     def feed(self, chunk: str) -> list[Detection]:
         out: list[Detection] = []
-        for lexeme in self._lexer.feed(chunk):
-            self._step(lexeme, out)
+        if self._pending:
+            self._lex(self._pending + chunk, out)
+            return out
+        value = _BIN_OF_TOKEN.get(chunk)
+        if value is not None:
+            self._coord(chunk, value, out)
+        elif chunk in _KNOWN_SPECIALS:
+            self._special(chunk, out)
+        elif "<" not in chunk:
+            if chunk:
+                self._text(chunk, out)
+        else:
+            self._lex(chunk, out)
         return out
 
     def finish(self) -> list[Detection]:
         # The lexer only ever holds back the start of a token: the output stopped inside it.
-        cut_inside_token = bool(self._lexer.pending) and self._state is not _GroupState.DONE
-        in_group = self._state in (_GroupState.PHRASE, _GroupState.AFTER_PHRASE, _GroupState.COORDS)
-        if cut_inside_token or in_group:
+        cut_inside_token = bool(self._pending) and self._state != _DONE
+        if cut_inside_token or self._state in (_PHRASE, _AFTER_PHRASE, _COORDS):
             # Complete coordinates were already emitted; the partial one is dropped.
             self.result.truncated = True
         return []
 
-    # -- state machine --------------------------------------------------------------------
-    def _step(self, lx: _Lexeme, out: list[Detection]) -> None:
-        ordinal = -1
-        if lx.kind is _Kind.COORD:
-            ordinal = self._coordinate_count
-            self._coordinate_count += 1
-        state = self._state
-        if state is _GroupState.DONE:
-            return
-        if lx.kind is _Kind.SPECIAL and lx.text == IM_END:
-            if state is _GroupState.COORDS:
-                self._close_coords(out)
-            elif state is not _GroupState.OUTSIDE:
-                self.result.skipped += 1
-            self._state = _GroupState.DONE
-            self.result.finished = True
-            return
-        if state is _GroupState.OUTSIDE:
-            self._outside(lx)
-        elif state is _GroupState.PHRASE:
-            if lx.kind is _Kind.SPECIAL and lx.text == OBJECT_REF_END:
-                self._label = "".join(self._phrase).strip()
-                self._state = _GroupState.AFTER_PHRASE
-            elif lx.kind is _Kind.SPECIAL:
-                self.result.skipped += 1
-                self._state = _GroupState.OUTSIDE
-                self._outside(lx)
+    # -- lexer ------------------------------------------------------------------------------
+    def _lex(self, text: str, out: list[Detection]) -> None:
+        # A token has no "<" after its first character, so only the last "<" can start one
+        # that the next chunk completes.
+        last = text.rfind("<")
+        if last != -1 and _PARTIAL.match(text, last):
+            self._pending = text[last:]
+            text = text[:last]
+        else:
+            self._pending = ""
+        on_coord, on_special, on_text = self._coord, self._special, self._text
+        for special, coord, digits, plain in _LEXEME.findall(text):
+            if coord:
+                on_coord(coord, int(digits), out)
+            elif special:
+                on_special(special, out)
             else:
-                self._phrase.append(lx.text)
-        elif state is _GroupState.AFTER_PHRASE:
-            if lx.kind is _Kind.SPECIAL and lx.text == BOX_START:
-                self._start_coords()
-            elif lx.kind is _Kind.TEXT and not lx.text.strip():
-                pass
-            else:
-                self.result.skipped += 1
-                self._state = _GroupState.OUTSIDE
-                self._outside(lx)
-        elif state is _GroupState.COORDS:
-            if lx.kind is _Kind.COORD:
-                self._add_coord(lx.value, ordinal, out)
-            elif lx.kind is _Kind.TEXT:
-                for char in lx.text:
-                    if char == ",":
-                        self._close_coords(out)
-                    elif not char.isspace():
-                        self.result.skipped += 1
-            elif lx.text == BOX_END:
-                self._close_coords(out)
-                self._state = _GroupState.OUTSIDE
-            else:  # another group started without closing this one
-                self._close_coords(out)
-                self.result.skipped += 1
-                self._state = _GroupState.OUTSIDE
-                self._outside(lx)
+                on_text(plain, out)
 
-    def _outside(self, lx: _Lexeme) -> None:
-        if lx.kind is _Kind.SPECIAL and lx.text == OBJECT_REF_START:
+    # -- state machine: one handler per lexeme kind ---------------------------------------
+    def _coord(self, token: str, value: int, out: list[Detection]) -> None:
+        ordinal = self._coordinate_count
+        self._coordinate_count = ordinal + 1
+        state = self._state
+        if state == _COORDS:
+            if self._emitted_current or value > MAX_BIN:
+                # More coordinates than this task's geometry has, or no bin at all.
+                self.result.skipped += 1
+                return
+            coords = self._coords
+            coords.append(value)
+            self._ordinals.append(ordinal)
+            if len(coords) == self._eager:
+                out.append(self._build())
+                self._emitted_current = True
+        elif state == _PHRASE:
+            self._phrase.append(token)
+        elif state == _AFTER_PHRASE:
+            self._break_group()
+            self.result.skipped += 1  # and the coordinate itself is stray
+        elif state == _OUTSIDE:
+            self.result.skipped += 1
+
+    def _special(self, token: str, out: list[Detection]) -> None:
+        state = self._state
+        if state == _DONE:
+            return
+        if token == IM_END:
+            if state == _COORDS:
+                self._close_coords(out)
+            elif state != _OUTSIDE:
+                self.result.skipped += 1
+            self._state = _DONE
+            self.result.finished = True
+        elif state == _COORDS:
+            self._close_coords(out)
+            if token == BOX_END:
+                self._state = _OUTSIDE
+            else:  # another group started without closing this one
+                self._break_group()
+                self._special_outside(token)
+        elif state == _OUTSIDE:
+            self._special_outside(token)
+        elif state == _PHRASE:
+            if token == OBJECT_REF_END:
+                self._label = "".join(self._phrase).strip()
+                self._state = _AFTER_PHRASE
+            else:
+                self._break_group()
+                self._special_outside(token)
+        elif token == BOX_START:  # after the phrase
+            self._start_coords()
+        else:
+            self._break_group()
+            self._special_outside(token)
+
+    def _text(self, text: str, out: list[Detection]) -> None:
+        state = self._state
+        if state == _COORDS:
+            for char in text:
+                if char == ",":
+                    self._close_coords(out)
+                elif not char.isspace():
+                    self.result.skipped += 1
+        elif state == _PHRASE:
+            self._phrase.append(text)
+        elif state == _OUTSIDE:
+            self._text_outside(text)
+        elif state == _AFTER_PHRASE and text.strip():
+            self._break_group()
+            self._text_outside(text)
+
+    def _break_group(self) -> None:
+        """The group went off the grammar: count it once, and read on from outside any group."""
+        self.result.skipped += 1
+        self._state = _OUTSIDE
+
+    def _special_outside(self, token: str) -> None:
+        if token == OBJECT_REF_START:
             self._phrase = []
-            self._state = _GroupState.PHRASE
-        elif lx.kind is _Kind.SPECIAL and lx.text == BOX_START:
+            self._state = _PHRASE
+        elif token == BOX_START:
             # Coordinates without a phrase: keep them, unlabelled.
             self._label = ""
             self._start_coords()
-        elif lx.kind is _Kind.TEXT and not lx.text.replace(",", "").strip():
-            pass  # the ", " between groups
         else:
             self.result.skipped += 1
 
+    def _text_outside(self, text: str) -> None:
+        if text.replace(",", "").strip():  # anything but the ", " between groups
+            self.result.skipped += 1
+
     def _start_coords(self) -> None:
-        self._state = _GroupState.COORDS
+        self._state = _COORDS
         self._coords = []
         self._ordinals = []
         self._emitted_current = False
-
-    def _add_coord(self, value: int, ordinal: int, out: list[Detection]) -> None:
-        if self._emitted_current:
-            self.result.skipped += 1  # more coordinates than this task's geometry has
-            return
-        if value > MAX_BIN:
-            self.result.skipped += 1
-            return
-        self._coords.append(value)
-        self._ordinals.append(ordinal)
-        if self._eager is not None and len(self._coords) == self._eager:
-            out.append(self._build())
-            self._emitted_current = True
 
     def _close_coords(self, out: list[Detection]) -> None:
         if not self._emitted_current and self._coords:
@@ -261,17 +270,18 @@ class _PhraseGroupParser:
         self._emitted_current = False
 
     def _build(self) -> Detection:
-        xy = [
-            (from_bin(self._coords[i], self._width), from_bin(self._coords[i + 1], self._height))
-            for i in range(0, len(self._coords), 2)
-        ]
+        # Bin -> pixel is coords.from_bin's arithmetic written out (a test holds them equal):
+        # here a call per coordinate would cost as much as the rest of a box.
+        c, w, h = self._coords, self._width, self._height
         ordinals = tuple(self._ordinals)
-        if len(xy) == 1:
-            return Detection(self._label, Geometry.POINT, point=xy[0], coordinate_ordinals=ordinals)
-        if len(xy) == 2:
-            (x0, y0), (x1, y1) = xy
-            return Detection(self._label, Geometry.BOX, box=(x0, y0, x1, y1), coordinate_ordinals=ordinals)
-        return Detection(self._label, Geometry.POLYGON, polygon=tuple(xy), coordinate_ordinals=ordinals)
+        if len(c) == 4:
+            box = (c[0] / MAX_BIN * w, c[1] / MAX_BIN * h, c[2] / MAX_BIN * w, c[3] / MAX_BIN * h)
+            return Detection(self._label, Geometry.BOX, box, None, None, None, ordinals)
+        if len(c) == 2:
+            point = (c[0] / MAX_BIN * w, c[1] / MAX_BIN * h)
+            return Detection(self._label, Geometry.POINT, None, point, None, None, ordinals)
+        polygon = tuple((c[i] / MAX_BIN * w, c[i + 1] / MAX_BIN * h) for i in range(0, len(c), 2))
+        return Detection(self._label, Geometry.POLYGON, None, None, polygon, None, ordinals)
 
 
 @dataclass
@@ -296,6 +306,10 @@ class _KeypointJsonParser:
         self._height = height
         self._buffer = ""
         self._scan = _JsonScan()
+        # Coordinate tokens before ``_counted_to`` in the buffer: instances start at a "{", never
+        # inside a token, so each instance counts only the text since the previous one.
+        self._counted_to = 0
+        self._coordinates_before = 0
         self.result = ParseState()
 
     def feed(self, chunk: str) -> list[Detection]:
@@ -371,6 +385,12 @@ class _KeypointJsonParser:
             return None
         return values
 
+    def _ordinal_at(self, start: int) -> int:
+        """How many coordinate tokens the output has before ``start``."""
+        self._coordinates_before += len(_COORD_ANYWHERE.findall(self._buffer, self._counted_to, start))
+        self._counted_to = start
+        return self._coordinates_before
+
     def _instance(self, key: str, start: int, end: int) -> Detection | None:
         try:
             data = json.loads(self._buffer[start:end])
@@ -381,7 +401,7 @@ class _KeypointJsonParser:
         if not isinstance(data, dict) or box_bins is None or len(box_bins) != 4:
             self.result.skipped += 1
             return None
-        ordinal_base = len(_COORD_ANYWHERE.findall(self._buffer, 0, start))
+        ordinal_base = self._ordinal_at(start)
         ordinals = list(range(ordinal_base, ordinal_base + 4))
         next_ordinal = ordinal_base + 4
         keypoints: dict[str, Point | None] = {}
@@ -449,7 +469,7 @@ class StreamParser:
 
 
 def parse_output(task: Task, text: str, width: int, height: int) -> tuple[list[Detection], ParseState]:
-    """Parse a whole output at once (the same code path as streaming)."""
+    """Parse a whole output at once: the parser that streams, so the same result as any chunking."""
     parser = StreamParser(task, width, height)
     detections = parser.feed(text) + parser.finish()
     return detections, parser.state
