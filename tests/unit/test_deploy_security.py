@@ -55,13 +55,26 @@ def manifest_env() -> dict[str, str]:
 
 
 # $1: the directory that becomes /tmp; the rest: the command, without capabilities.
+# $2: the code under test where it lives under /tmp (a checkout there), kept visible (read-only)
+# inside the new /tmp; colon-separated, may be empty.
 READ_ONLY_ROOT = """set -e
-tmp="$1"; shift
-mount --bind "$tmp" /tmp
+tmp="$1"; keep="$2"; shift 2
+IFS=:
+for path in $keep; do mkdir -p "$tmp/${path#/tmp/}"; mount --bind "$path" "$tmp/${path#/tmp/}"; done
+unset IFS
+mount --rbind "$tmp" /tmp
 mount -t tmpfs -o size=256m tmpfs /dev/shm
 mount -o remount,bind,ro /
 exec setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"
 """
+
+
+def code_under_tmp() -> list[str]:
+    """The checkout and the interpreter's environment, where they live under /tmp: binding a
+    fresh directory over /tmp would hide them from the server."""
+    paths = sorted({ROOT, Path(sys.prefix).resolve()})
+    outermost = [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
+    return [str(p) for p in outermost if p.is_relative_to(TMP)]
 
 
 def read_only_root(tmp: Path) -> list[str]:
@@ -70,7 +83,7 @@ def read_only_root(tmp: Path) -> list[str]:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} (util-linux) is not installed")
     unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
-    prefix = [*unshare, "sh", "-c", READ_ONLY_ROOT, "sh", str(tmp)]
+    prefix = [*unshare, "sh", "-c", READ_ONLY_ROOT, "sh", str(tmp), ":".join(code_under_tmp())]
     probe = subprocess.run(
         [*prefix, "sh", "-c", "test ! -w / && test -w /tmp"],
         capture_output=True,
