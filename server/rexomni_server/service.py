@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rexomni_server.accounting import CANCELLED, INTERNAL, RequestLedger, RequestRecord
-from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest, FinishReason, SamplingConfig
+from rexomni_server.engine_streams import Deadline, EngineStreams
+from rexomni_server.engines.base import Engine, EngineRequest, FinishReason, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import (
     EngineDead,
@@ -371,47 +372,17 @@ class DetectionService:
         trackers = [
             OutputTracker(params.task, run.image.width, run.image.height, repetition_limit) for _ in run.engine_requests
         ]
-        queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, request: EngineRequest) -> None:
-            stream = self.engine.stream(request)
-            try:
-                async for event in stream:
-                    queue.put_nowait((index, event))
-                queue.put_nowait((index, None))
-            except Exception as exc:
-                queue.put_nowait((index, exc))
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]  # aborts an unfinished generation
-
-        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(run.engine_requests)]
-        active = set(range(len(pumps)))
+        deadline = Deadline(run.deadline, run.timeout_s)
+        streams = EngineStreams(self.engine, run.engine_requests, deadline)
         started_at: float | None = None
         first_detection_at: float | None = None
         stopped: FinishReason | None = None
         emitted = 0
         # What was streamed, per engine request: the result is exactly these, in category order.
         streamed: list[list[DetectionModel]] = [[] for _ in run.engine_requests]
-
-        def stop_pump(index: int) -> None:
-            pumps[index].cancel()
-            active.discard(index)
-
         try:
-            while active:
-                remaining = run.deadline - time.perf_counter()
-                try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
-                    # that arrives as queue.get() completes, and a left client's generation ran on.
-                    async with asyncio.timeout(max(remaining, 0)):
-                        index, item = await queue.get()
-                except TimeoutError as exc:
-                    raise RequestTimeout(f"request exceeded {run.timeout_s:g} s") from exc
-                if item is None:
-                    active.discard(index)
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+            while (arrived := await streams.next()) is not None:
+                index, item = arrived
                 if item.started and started_at is None:
                     started_at = time.perf_counter()
                     run.queue.leave()
@@ -429,16 +400,14 @@ class DetectionService:
                         stopped = "max_detections"
                         break
                 if stopped:
-                    for i in list(active):
-                        stop_pump(i)
-                elif tracker.runaway and index in active:
+                    for i in range(len(trackers)):
+                        streams.stop(i)
+                elif tracker.runaway and streams.active(index):
                     tracker.finish_reason = "repetition"
-                    stop_pump(index)
+                    streams.stop(index)
         finally:
-            for p in pumps:
-                if not p.cancelling():  # a pump already stopped is left to close its engine stream
-                    p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            deadline.cancel()
+            await streams.close()
             run.record.fields.update(
                 prompt_tokens=sum(t.prompt_tokens for t in trackers),
                 completion_tokens=sum(t.completion_tokens for t in trackers),

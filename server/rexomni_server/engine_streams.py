@@ -1,0 +1,127 @@
+"""The engine streams of one request, read as their events arrive, within its time budget.
+
+A request starts one engine request, or one per category when fanned out. One stream is read
+directly by the request's own task: no pump task and no queue hop per token. Several are
+pumped into one queue by a task each, so a slow category never holds up the others.
+
+The time budget costs one timer per request, not one per token: between waits the clock is
+compared, and the timer only interrupts a wait for an engine that has gone quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
+
+from rexomni_server.engines.base import Engine, EngineEvent, EngineRequest
+from rexomni_server.errors import RequestTimeout
+
+T = TypeVar("T")
+
+
+class Deadline:
+    """A request's time budget (``at`` is a ``time.perf_counter()`` value)."""
+
+    def __init__(self, at: float, timeout_s: float) -> None:
+        self.at = at
+        self.timeout_s = timeout_s
+        self._expired = False
+        self._waiting: asyncio.Task[object] | None = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(at - time.perf_counter(), 0.0), self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def error(self) -> RequestTimeout:
+        return RequestTimeout(f"request exceeded {self.timeout_s:g} s")
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        """``await awaitable``, or RequestTimeout once the budget is spent."""
+        if self._expired or time.perf_counter() >= self.at:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # not awaited: closed, so it is not reported as forgotten
+            raise self.error()
+        task = asyncio.current_task()
+        self._waiting = task
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            # Our own cancel becomes the timeout; anyone else's (a client that left) stays a cancel.
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise self.error() from None
+            raise
+        finally:
+            self._waiting = None
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class EngineStreams:
+    """``next()`` gives (engine request index, event) as events arrive, None once every stream
+    has ended; ``stop(i)`` ends one early (its generation is aborted); ``close()`` ends all."""
+
+    def __init__(self, engine: Engine, requests: Sequence[EngineRequest], deadline: Deadline) -> None:
+        self._deadline = deadline
+        self._active = set(range(len(requests)))
+        if len(requests) == 1:
+            self._single: AsyncIterator[EngineEvent] | None = engine.stream(requests[0])
+            self._pumps: list[asyncio.Task[None]] = []
+        else:
+            self._single = None
+            self._queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
+            self._pumps = [asyncio.create_task(self._pump(engine, i, r)) for i, r in enumerate(requests)]
+
+    def active(self, index: int) -> bool:
+        return index in self._active
+
+    async def next(self) -> tuple[int, EngineEvent] | None:
+        if self._single is not None:
+            if not self._active:
+                return None
+            try:
+                return 0, await self._deadline.wait(anext(self._single))
+            except StopAsyncIteration:
+                self._active.clear()
+                return None
+        while self._active:
+            index, item = await self._deadline.wait(self._queue.get())
+            if item is None:
+                self._active.discard(index)
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return index, item
+        return None
+
+    def stop(self, index: int) -> None:
+        self._active.discard(index)
+        if self._pumps:
+            self._pumps[index].cancel()
+
+    async def close(self) -> None:
+        """Ends every stream: unfinished generations are aborted, and stopped pumps are left to
+        finish closing their engine streams."""
+        if self._single is not None:
+            await self._single.aclose()  # type: ignore[attr-defined]
+            return
+        for pump in self._pumps:
+            if not pump.cancelling():
+                pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _pump(self, engine: Engine, index: int, request: EngineRequest) -> None:
+        stream = engine.stream(request)
+        try:
+            async for event in stream:
+                self._queue.put_nowait((index, event))
+            self._queue.put_nowait((index, None))
+        except Exception as exc:
+            self._queue.put_nowait((index, exc))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # aborts an unfinished generation
