@@ -123,7 +123,11 @@ async def batch(send: Send, forced: str, requests: int, in_flight: int, pid: int
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     proc, url, target = start_server(max(args.in_flight) * 2)
     rows: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=max(args.in_flight), max_keepalive_connections=max(args.in_flight))
+    # Idle connections are dropped before the server's keep-alive timeout (5 s) can close one
+    # under a request.
+    limits = httpx.Limits(
+        max_connections=max(args.in_flight), max_keepalive_connections=max(args.in_flight), keepalive_expiry=2.0
+    )
     try:
         async with (
             httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
