@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import Any
 import grpc
 import httpx
 
-from benchmarks.common import b64, free_port, jpeg_bytes, realistic_forced, write_json
+from benchmarks.common import b64, jpeg_bytes, realistic_forced, start_scripted_server, write_json
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.schemas import DetectParams
 from rexomni_server.transport.convert import params_to_pb
@@ -50,25 +48,6 @@ class Batch:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def start_server(max_in_flight: int) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--engine", "scripted", "--model", "scripted"]
-    cmd += ["--allow-forced-output", "--port", str(port), "--grpc-port", str(grpc_port)]
-    cmd += ["--max-queue", str(max_in_flight), "--decode-queue", str(max_in_flight)]
-    cmd += ["--http-max-connections", str(4 * max_in_flight)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url, f"127.0.0.1:{grpc_port}"
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 Send = Callable[[str], Awaitable[int]]  # forced output -> completion tokens
@@ -121,7 +100,10 @@ async def batch(send: Send, forced: str, requests: int, in_flight: int, pid: int
 
 
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    proc, url, target = start_server(max(args.in_flight) * 2)
+    most = max(args.in_flight) * 2
+    proc, url, target = start_scripted_server(
+        "--max-queue", str(most), "--decode-queue", str(most), "--http-max-connections", str(2 * most)
+    )
     rows: list[dict[str, Any]] = []
     # Idle connections are dropped before the server's keep-alive timeout (5 s) can close one
     # under a request.

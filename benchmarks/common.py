@@ -7,12 +7,15 @@ import base64
 import io
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from PIL import Image
 
 from rexomni_server.runtime import Runtime
@@ -68,6 +71,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_scripted_server(*flags: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``rexomni-server serve --engine scripted --allow-forced-output FLAGS`` on free loopback
+    ports, once it is ready: (the process, its HTTP URL, its gRPC target)."""
+    port, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--engine", "scripted", "--model", "scripted"]
+    cmd += ["--allow-forced-output", "--port", str(port), "--grpc-port", str(grpc_port), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url, f"127.0.0.1:{grpc_port}"
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not start")
 
 
 def b64(data: bytes) -> str:

@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import b64, free_port, jpeg_bytes, single_label_forced
+from benchmarks.common import b64, jpeg_bytes, single_label_forced, start_scripted_server
 from benchmarks.load import percentile
 
 KEY = "bench-key"
@@ -34,22 +33,19 @@ PROBE_EVERY_S = 0.02
 
 
 def start_server(keys_file: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--engine", "scripted", "--model", "scripted"]
-    cmd += ["--port", str(port), "--no-grpc", "--api-keys-file", str(keys_file), "--allow-forced-output"]
     # 1 ms per token: admitted requests take a while (as on a real engine) and leave the loop idle.
-    cmd += ["--max-queue", "2", "--scripted-token-delay-s", "0.001", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    proc, url, _ = start_scripted_server(
+        "--no-grpc",
+        "--api-keys-file",
+        str(keys_file),
+        "--max-queue",
+        "2",
+        "--scripted-token-delay-s",
+        "0.001",
+        "--log-level",
+        "WARNING",
+    )
+    return proc, url
 
 
 def timed(send: Callable[[], object]) -> float:
