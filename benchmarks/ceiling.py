@@ -118,7 +118,7 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             sends = senders(http, channel)
             long_answer, empty = realistic_forced(args.boxes), ""
             for transport in args.transports:
-                await batch(sends[transport], long_answer, 8, 8, proc.pid)  # warm-up
+                await batch(sends[transport], long_answer, 8, min(args.in_flight), proc.pid)  # warm-up
                 for in_flight in args.in_flight:
                     requests = max(args.min_requests, 2 * in_flight)
                     short = await batch(sends[transport], empty, requests, in_flight, proc.pid)

@@ -76,6 +76,12 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
             ["--engine", "transformers", "--boxes", "3", "--repeats", "1"],
             ["engine direct (+ parse)", "our HTTP /v1/detect", "our gRPC Detect"],
         ),
+        (
+            "ceiling",
+            ["--in-flight", "2", "--min-requests", "4", "--boxes", "20", "--out", "out/ceiling-test"],
+            ["| http | 2 | 4 |", "| sse | 2 | 4 |", "| grpc | 2 | 4 |"],
+        ),
+        ("refusals", ["--rounds", "1"], ["26 MB JSON body", "without a key (401)", "(429 + Retry-After)"]),
     ],
 )
 def test_the_other_benchmarks_print_their_tables(module: str, args: list[str], expected: list[str]) -> None:
