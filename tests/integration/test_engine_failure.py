@@ -44,7 +44,7 @@ async def grpc_health(target: str) -> int:
 
 async def test_a_dead_engine_is_reported_at_once_and_the_server_exits_non_zero() -> None:
     engine = ScriptedEngine(default_output=SLOW_ANSWER, token_delay_s=0.01)  # ~15 s per answer
-    settings = Settings(engine="scripted", port=free_port(), grpc_port=free_port(), engine_failure_exit_s=3.0)
+    settings = Settings(engine="scripted", port=free_port(), grpc_port=free_port(), engine_failure_exit_s=10.0)
     runtime = Runtime(settings, engine=engine, model_label="scripted")
     server = asyncio.create_task(serve(settings, runtime))
     url, target = f"http://127.0.0.1:{settings.port}", f"127.0.0.1:{settings.grpc_port}"
