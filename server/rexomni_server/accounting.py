@@ -25,6 +25,7 @@ log = logging.getLogger("rexomni.requests")
 # ends a request on time itself whenever it is asked for the next event.
 DEADLINE_GRACE_S = 1.0
 UNKNOWN_TASK = "unknown"  # a request refused before its task was read
+OK = "ok"
 CANCELLED = "cancelled"  # the client left (or the server stopped) before the answer
 INTERNAL = "internal"  # a bug of ours: the traceback is in the log
 
@@ -84,7 +85,7 @@ class RequestLedger:
             self.close(record)
 
     def close(self, record: RequestRecord) -> None:
-        status = record.status or "ok"
+        status = record.status or OK
         elapsed = record.elapsed_s
         self.metrics.requests.labels(record.task, record.transport, status).inc()
         if record.admitted:  # refusals at the door would drag the latency figures down

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rexomni_server.accounting import CANCELLED, INTERNAL, RequestLedger, RequestRecord
+from rexomni_server.accounting import CANCELLED, INTERNAL, OK, RequestLedger, RequestRecord
 from rexomni_server.engine_streams import Deadline, EngineStreams
 from rexomni_server.engines.base import Engine, EngineRequest, FinishReason, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
@@ -27,7 +27,6 @@ from rexomni_server.errors import (
     EngineNotReady,
     InvalidRequest,
     Overloaded,
-    RequestTimeout,
     RexOmniError,
 )
 from rexomni_server.images import (
@@ -118,8 +117,7 @@ class _Run:
     engine_requests: list[EngineRequest]
     params: DetectParams
     image: ImageInfo
-    deadline: float  # time.perf_counter() value
-    timeout_s: float
+    deadline: Deadline  # the request's time budget, decoding included
     queue: _QueueGauge
 
 
@@ -242,21 +240,16 @@ class DetectionService:
             raise Overloaded(f"server is decoding {self.decoding} images already", retry_after_s=1.0)
 
     async def _prepare_image(
-        self, image: EncodedImage, min_pixels: int, max_pixels: int, deadline: float
+        self, image: EncodedImage, min_pixels: int, max_pixels: int, deadline: Deadline
     ) -> PreparedImage:
         """Decode and resize in the bounded decode pool, within the request's time budget (a
         request that waited its budget away in the pool's queue is never decoded)."""
         self.decoding += 1
+        work = self._decode_pool.submit(decode_and_prepare, image, self._limits, min_pixels, max_pixels)
         try:
-            work = self._decode_pool.submit(decode_and_prepare, image, self._limits, min_pixels, max_pixels)
-            try:
-                async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
-                    return await asyncio.wrap_future(work)
-            except TimeoutError as exc:
-                raise RequestTimeout("request exceeded its time budget while its image waited to be decoded") from exc
-            finally:
-                work.cancel()  # not started yet: never started
+            return await deadline.wait(asyncio.wrap_future(work))
         finally:
+            work.cancel()  # not started yet: never started
             self.decoding -= 1
 
     # -- the pipeline -----------------------------------------------------------------------
@@ -276,13 +269,13 @@ class DetectionService:
 
         ``record``: the transport's record of the request, which the service fills in; without
         one the service opens (and logs) its own."""
-        if record is not None:
-            async with contextlib.aclosing(self._stream(params, image, record, timeout_s)) as events:
-                async for event in events:
-                    yield event
-            return
-        with self.ledger.scope(request_id or new_request_id(), transport) as own:
-            async with contextlib.aclosing(self._stream(params, image, own, timeout_s)) as events:
+        scope = (
+            contextlib.nullcontext(record)
+            if record is not None
+            else self.ledger.scope(request_id or new_request_id(), transport)
+        )
+        with scope as recorded:
+            async with contextlib.aclosing(self._stream(params, image, recorded, timeout_s)) as events:
                 async for event in events:
                     yield event
 
@@ -301,10 +294,10 @@ class DetectionService:
         self.engine_requests += cost
         self.metrics.in_flight.inc()
         queue = _QueueGauge(self.metrics)
+        timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
+        record.start_deadline(timeout)
+        deadline = Deadline(record.arrived + timeout, timeout)
         try:
-            timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
-            record.start_deadline(timeout)
-            deadline = record.arrived + timeout
             sampling = self._sampling(params)
             min_pixels, max_pixels = self._pixel_bounds(params)
             self._check_forced(params)
@@ -339,12 +332,12 @@ class DetectionService:
             )
             self.metrics.image_pixels.observe(info.resized_width * info.resized_height)
             yield AcceptedEvent(record.request_id, info)
-            run = _Run(record, engine_requests, params, info, deadline, timeout, queue)
+            run = _Run(record, engine_requests, params, info, deadline, queue)
             # Closed with this stream (a client that leaves), not whenever it is collected.
             async with contextlib.aclosing(self._run(run)) as events:
                 async for event in events:
                     yield event
-            record.fail("ok")
+            record.fail(OK)
         except (asyncio.CancelledError, GeneratorExit):
             record.fail(CANCELLED)
             raise
@@ -360,6 +353,7 @@ class DetectionService:
                 f"internal error ({type(exc).__name__}); see the server log for request {record.request_id}"
             ) from exc
         finally:
+            deadline.cancel()
             queue.leave()
             self.in_flight -= 1
             self.engine_requests -= cost
@@ -372,8 +366,7 @@ class DetectionService:
         trackers = [
             OutputTracker(params.task, run.image.width, run.image.height, repetition_limit) for _ in run.engine_requests
         ]
-        deadline = Deadline(run.deadline, run.timeout_s)
-        streams = EngineStreams(self.engine, run.engine_requests, deadline)
+        streams = EngineStreams(self.engine, run.engine_requests, run.deadline)
         started_at: float | None = None
         first_detection_at: float | None = None
         stopped: FinishReason | None = None
@@ -406,7 +399,6 @@ class DetectionService:
                     tracker.finish_reason = "repetition"
                     streams.stop(index)
         finally:
-            deadline.cancel()
             await streams.close()
             run.record.fields.update(
                 prompt_tokens=sum(t.prompt_tokens for t in trackers),
