@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rexomni_server import __version__
-from rexomni_server.accounting import RequestRecord, deadline_guard
+from rexomni_server.accounting import deadline_guard
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER, ApiKeys
 from rexomni_server.errors import BodyTimeout, ImageTooLarge, RequestTimeout, RexOmniError, Unauthenticated
 from rexomni_server.runtime import Runtime
@@ -25,6 +25,7 @@ from rexomni_server.transport.http import (
     error_response,
     http_status,
     install_error_handlers,
+    record_of,
 )
 
 
@@ -52,12 +53,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def record_of(scope: Scope) -> RequestRecord | None:
-    """The request's record, where the request scope opened one (detect paths)."""
-    record = scope.get("state", {}).get("record")
-    return record if isinstance(record, RequestRecord) else None
 
 
 async def send_error(scope: Scope, receive: Receive, send: Send, exc: RexOmniError) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope
 
 from rexomni_server.accounting import CANCELLED, RequestRecord
 from rexomni_server.errors import (
@@ -96,10 +97,16 @@ def request_id_of(request: Request) -> str:
     return rid if isinstance(rid, str) else new_request_id()
 
 
+def record_of(scope: Scope) -> RequestRecord | None:
+    """The request's record, where the request-scope middleware opened one (detect paths)."""
+    record = scope.get("state", {}).get("record")
+    return record if isinstance(record, RequestRecord) else None
+
+
 def _fail(request: Request, code: str) -> None:
     """Put a refusal's code on the request's record (detect paths have one)."""
-    record = getattr(request.state, "record", None)
-    if isinstance(record, RequestRecord):
+    record = record_of(request.scope)
+    if record is not None:
         record.fail(code)
 
 
@@ -145,8 +152,8 @@ def _runtime(request: Request) -> Runtime:
 
 def _record(request: Request) -> RequestRecord:
     """Opened for every detect path by the request-scope middleware."""
-    record = request.state.record
-    assert isinstance(record, RequestRecord)
+    record = record_of(request.scope)
+    assert record is not None
     return record
 
 
