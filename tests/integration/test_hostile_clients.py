@@ -140,11 +140,13 @@ def trickle(port: int, head: bytes, every_s: float, for_s: float) -> float | Non
         sock.sendall(head)
         sock.settimeout(every_s)
         while time.monotonic() - started < for_s:
-            try:
+            try:  # a close shows as end of stream, or as a reset when our last byte met it
                 if sock.recv(1024) == b"":
                     return time.monotonic() - started
             except TimeoutError:
                 pass
+            except ConnectionResetError:
+                return time.monotonic() - started
             try:
                 sock.sendall(b"a")
             except (BrokenPipeError, ConnectionResetError):
