@@ -30,13 +30,14 @@ from rexomni_server.app import create_app
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.images import prepare_image
-from rexomni_server.parsing import IM_END, StreamParser, parse_output
+from rexomni_server.parsing import StreamParser, parse_output
 from rexomni_server.prompts import build_task_text
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import Task
 from rexomni_server.tiny import make_tiny_model
+from rexomni_server.vocabulary import END_MARKER
 
 TOKEN = re.compile(r"<\|[a-z_]+\|>|<\d+>|[^<]+")
 PARSER_BOXES = 400
@@ -62,8 +63,8 @@ def time_parser(text: str) -> tuple[int, float, float]:
 
 def bench_parser() -> list[tuple[str, str]]:
     outputs = {
-        "groups of 1-6": realistic_forced(PARSER_BOXES) + IM_END,
-        "one label": single_label_forced("person", PARSER_BOXES) + IM_END,
+        "groups of 1-6": realistic_forced(PARSER_BOXES) + END_MARKER,
+        "one label": single_label_forced("person", PARSER_BOXES) + END_MARKER,
     }
     rows = []
     for name, text in outputs.items():

@@ -13,11 +13,11 @@ from rexomni_client.http import ImageInput, build_params, image_bytes_of
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.schemas import DetectionModel, DetectResult
 from rexomni_server.transport.convert import (
-    CLIENT_MAX_MESSAGE_BYTES,
     detection_from_pb,
     params_to_pb,
     result_from_pb,
 )
+from rexomni_server.vocabulary import MAX_MESSAGE_BYTES
 
 
 def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, int | str]]:
@@ -81,7 +81,7 @@ class _GrpcClientBase:
         self,
         target: str = "127.0.0.1:50051",
         timeout: float = 600.0,
-        max_message_bytes: int = CLIENT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         api_key: str | None = None,
         tls: bool = False,
         ca_file: str | Path | None = None,

@@ -27,6 +27,7 @@ from rexomni_server.transport.http import (
     install_error_handlers,
     record_of,
 )
+from rexomni_server.vocabulary import REQUEST_OVERHEAD_BYTES
 
 
 class RequestIdMiddleware:
@@ -233,7 +234,7 @@ def document_api(app: FastAPI, keys: ApiKeys) -> None:
 
 def max_body_bytes(settings: Settings) -> int:
     """The largest useful body: a base64 image at the byte limit, plus room for the fields."""
-    return settings.max_image_bytes * 4 // 3 + (1 << 20)
+    return settings.max_image_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
 
 
 def create_app(

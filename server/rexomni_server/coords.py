@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-NUM_BINS = 1000
-MAX_BIN = NUM_BINS - 1
+from rexomni_server.vocabulary import MAX_BIN
 
 
 def to_bin(value: float, size: int) -> int:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rexomni_server.errors import ImageTooLarge, InvalidImage, RexOmniError, UnsupportedImageFormat
+from rexomni_server.vocabulary import PATCH_SIDE
 
-FACTOR = 28  # patch 14 x spatial merge 2
 MAX_ASPECT_RATIO = 200
 # MPO is what many phones write for JPEG; it decodes like one.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
@@ -141,7 +141,7 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
 
 
 def smart_resize(
-    height: int, width: int, factor: int = FACTOR, min_pixels: int = 0, max_pixels: int = 0
+    height: int, width: int, factor: int = PATCH_SIDE, min_pixels: int = 0, max_pixels: int = 0
 ) -> tuple[int, int]:
     """Qwen2.5-VL's resize rule (qwen_vl_utils): sides multiple of ``factor``, area in bounds."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
@@ -162,7 +162,7 @@ def smart_resize(
 def prepare_image(image: Image.Image, min_pixels: int, max_pixels: int) -> PreparedImage:
     """Resize to the smart_resize size (bicubic, as the reference's qwen_vl_utils does)."""
     width, height = image.size
-    new_h, new_w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    new_h, new_w = smart_resize(height, width, PATCH_SIDE, min_pixels, max_pixels)
     resized = image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return PreparedImage(width=width, height=height, resized=resized)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from rexomni_server.vocabulary import PIXEL_UNIT
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 300.0)
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-PIXEL_BUCKETS = tuple(n * 28 * 28 for n in (16, 64, 256, 512, 1024, 2048, 2560, 4096, 8192, 16384))
+PIXEL_BUCKETS = tuple(n * PIXEL_UNIT for n in (16, 64, 256, 512, 1024, 2048, 2560, 4096, 8192, 16384))
 
 
 class Metrics:

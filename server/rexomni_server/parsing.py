@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rexomni_server.coords import MAX_BIN, NUM_BINS, bin_token, from_bin
+from rexomni_server.coords import bin_token, from_bin
 from rexomni_server.tasks import TASKS, Geometry, Task
+from rexomni_server.vocabulary import END_MARKER, MAX_BIN, NUM_BINS
 
 OBJECT_REF_START = "<|object_ref_start|>"
 OBJECT_REF_END = "<|object_ref_end|>"
 BOX_START = "<|box_start|>"
 BOX_END = "<|box_end|>"
-IM_END = "<|im_end|>"
 UNVISIBLE = "unvisible"  # (sic) the model's marker of a hidden keypoint
 
 Point = tuple[float, float]
@@ -68,7 +69,7 @@ _COORD_ANYWHERE = re.compile(r"<(\d+)>")
 
 # Engines stream one token per delta: these whole tokens skip the lexer's regular expressions.
 _BIN_OF_TOKEN = {bin_token(b): b for b in range(NUM_BINS)}
-_KNOWN_SPECIALS = frozenset((OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, IM_END))
+_KNOWN_SPECIALS = frozenset((OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, END_MARKER))
 
 # States of the phrase-group grammar (plain ints: compared once per token).
 _OUTSIDE, _PHRASE, _AFTER_PHRASE, _COORDS, _DONE = range(5)
@@ -187,7 +188,7 @@ class _PhraseGroupParser:
         state = self._state
         if state == _DONE:
             return
-        if token == IM_END:
+        if token == END_MARKER:
             if state == _COORDS:
                 self._close_coords(out)
             elif state != _OUTSIDE:
@@ -322,7 +323,7 @@ class _KeypointJsonParser:
         if scan.started and not self.result.finished:
             self.result.truncated = True
         prefix = self._buffer.split("{", 1)[0] if scan.started else self._buffer
-        leftover = prefix.replace("```json", "").replace("```", "").replace(IM_END, "")
+        leftover = prefix.replace("```json", "").replace("```", "").replace(END_MARKER, "")
         if leftover.strip():
             self.result.skipped += 1
         return out
@@ -450,22 +451,25 @@ class StreamParser:
         else:
             self._impl = _PhraseGroupParser(geometry, width, height)
         self._finished = False
-
-    def feed(self, chunk: str) -> list[Detection]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        return self._impl.feed(chunk)
+        # ``feed`` is the implementation's own method (called once per token: no wrapper
+        # frame) until ``finish``, which makes it refuse.
+        self.feed: Callable[[str], list[Detection]] = self._impl.feed
 
     def finish(self) -> list[Detection]:
         """Flush what is left; call once when the output ended."""
         if self._finished:
             return []
         self._finished = True
+        self.feed = _refuse_feed
         return self._impl.finish()
 
     @property
     def state(self) -> ParseState:
         return self._impl.result
+
+
+def _refuse_feed(chunk: str) -> list[Detection]:
+    raise RuntimeError("feed() after finish()")
 
 
 def parse_output(task: Task, text: str, width: int, height: int) -> tuple[list[Detection], ParseState]:

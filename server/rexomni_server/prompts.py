@@ -9,11 +9,11 @@ from rexomni_server.coords import bin_token, to_bin
 from rexomni_server.errors import InvalidRequest
 from rexomni_server.schemas import DetectParams
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS, Task
+from rexomni_server.vocabulary import END_MARKER
 
 SYSTEM_PROMPT = "You are a helpful assistant"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
-STOP_TOKEN = "<|im_end|>"
 
 Box = Sequence[float]
 
@@ -74,7 +74,7 @@ def build_chat_prompt(task_text: str, image_tokens: int = 1) -> str:
     """
     image = IMAGE_PLACEHOLDER.replace(IMAGE_PAD, IMAGE_PAD * image_tokens)
     return (
-        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-        f"<|im_start|>user\n{image}{task_text}<|im_end|>\n"
+        f"<|im_start|>system\n{SYSTEM_PROMPT}{END_MARKER}\n"
+        f"<|im_start|>user\n{image}{task_text}{END_MARKER}\n"
         "<|im_start|>assistant\n"
     )

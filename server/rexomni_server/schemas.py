@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from rexomni_server.tasks import KEYPOINT_SETS, Task
+from rexomni_server.vocabulary import FinishReason
 
 # Every limit below is declared where pydantic enforces it while parsing, so hostile input is
 # refused after at most limit + 1 items instead of after validating (and cleaning) all of them.
@@ -254,9 +255,6 @@ class Timings(_Answer):
     )
     first_detection_ms: float | None = Field(description="From arrival to the first detection.")
     total_ms: float
-
-
-FinishReason = Literal["stop", "length", "abort", "max_detections", "repetition"]
 
 
 class DetectResult(_Answer):

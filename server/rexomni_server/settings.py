@@ -10,9 +10,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rexomni_server.vocabulary import PATCH_SIDE, PIXEL_UNIT
+
 DEFAULT_MODEL = "IDEA-Research/Rex-Omni"
 TINY_MODEL = "tiny"  # special value: generate and serve the tiny random checkpoint
-PIXEL_UNIT = 28 * 28
 
 EngineName = Literal["auto", "vllm", "transformers", "scripted"]
 
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=2560 * PIXEL_UNIT, ge=PIXEL_UNIT)
     max_pixels_limit: int = Field(default=16384 * PIXEL_UNIT, description="Ceiling for a request's max_pixels option.")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
-    max_image_side: int = Field(default=16384, ge=28)
+    max_image_side: int = Field(default=16384, ge=PATCH_SIDE)
     max_decoded_pixels: int = Field(default=100_000_000, description="Decompression-bomb guard on the decoded image.")
     decode_workers: int = Field(
         default=2, ge=1, description="Threads that decode and resize images (each holds one decoded image)."

@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rexomni_server.coords import bin_token
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
+from rexomni_server.vocabulary import END_MARKER, NUM_BINS, PIXEL_UNIT
 
 # The special tokens of Qwen2.5-VL in their original order (ids follow the base vocabulary).
 QWEN_SPECIAL_TOKENS = (
@@ -35,7 +37,7 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-COORDINATE_TOKENS = tuple(f"<{i}>" for i in range(1000))
+COORDINATE_TOKENS = tuple(bin_token(i) for i in range(NUM_BINS))
 
 # Qwen2-VL's chat template (the one Rex-Omni ships), reduced to the single-image case we use.
 CHAT_TEMPLATE = (
@@ -127,7 +129,7 @@ def build_tokenizer() -> Any:
     tokenizer = Qwen2Tokenizer(
         vocab=state["vocab"],
         merges=merges,
-        eos_token="<|im_end|>",
+        eos_token=END_MARKER,
         pad_token="<|endoftext|>",
     )
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
@@ -148,7 +150,7 @@ def architecture(vocab_size: int, token_ids: dict[str, int]) -> dict[str, Any]:
         "vocab_size": vocab_size,
         "torch_dtype": "float32",
         "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
+        "eos_token_id": token_ids[END_MARKER],
         "pad_token_id": token_ids["<|endoftext|>"],
         "vision_start_token_id": token_ids["<|vision_start|>"],
         "vision_end_token_id": token_ids["<|vision_end|>"],
@@ -182,8 +184,8 @@ def write_image_processor(directory: Path) -> None:
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "do_convert_rgb": True,
-        "min_pixels": 16 * 28 * 28,
-        "max_pixels": 2560 * 28 * 28,
+        "min_pixels": 16 * PIXEL_UNIT,
+        "max_pixels": 2560 * PIXEL_UNIT,
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,
@@ -203,7 +205,7 @@ def make_tiny_model(directory: str | Path) -> Path:
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     model = build_model(architecture(vocab_size, token_ids))
     model.save_pretrained(out)
-    generation = {"bos_token_id": token_ids["<|endoftext|>"], "eos_token_id": token_ids["<|im_end|>"]}
+    generation = {"bos_token_id": token_ids["<|endoftext|>"], "eos_token_id": token_ids[END_MARKER]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_image_processor(out)
     (out / "README.md").write_text(
@@ -247,5 +249,5 @@ def random_components(arch: dict[str, Any], device: str, dtype: str) -> tuple[An
     torch.manual_seed(SEED)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
-    image_processor = Qwen2VLImageProcessor(min_pixels=16 * 28 * 28, max_pixels=2560 * 28 * 28)
+    image_processor = Qwen2VLImageProcessor(min_pixels=16 * PIXEL_UNIT, max_pixels=2560 * PIXEL_UNIT)
     return model.eval(), tokenizer, image_processor

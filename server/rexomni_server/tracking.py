@@ -15,9 +15,10 @@ generation as a runaway, and the service stops it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rexomni_server.engines.base import EngineEvent, FinishReason
+from rexomni_server.engines.base import EngineEvent
 from rexomni_server.parsing import Detection, StreamParser
 from rexomni_server.schemas import (
     BoxDetection,
@@ -27,6 +28,7 @@ from rexomni_server.schemas import (
     PolygonDetection,
 )
 from rexomni_server.tasks import Geometry, Task
+from rexomni_server.vocabulary import FinishReason
 
 DetectionKey = tuple[object, ...]
 
@@ -71,29 +73,31 @@ class OutputTracker:
     completion_tokens: int = 0
     duplicates: int = 0
     finish_reason: FinishReason | None = None
+    # True once ``repetition_limit`` duplicates came in a row: the service stops the generation.
+    runaway: bool = False
     _seen: set[DetectionKey] = field(default_factory=set)
     _duplicate_run: int = 0
 
     def __post_init__(self) -> None:
         self.parser = StreamParser(self.task, self.width, self.height)
 
-    @property
-    def runaway(self) -> bool:
-        return self.repetition_limit is not None and self._duplicate_run >= self.repetition_limit
-
-    def on_event(self, event: EngineEvent) -> list[DetectionModel]:
-        """Account for one engine event; returns the new (deduplicated, scored) detections."""
+    def on_event(self, event: EngineEvent) -> Sequence[DetectionModel]:
+        """Account for one engine event; returns the new (deduplicated, scored) detections.
+        Called once per token or so: the common case (text, nothing complete) returns early."""
         if event.prompt_tokens is not None:
             self.prompt_tokens = event.prompt_tokens
         self.completion_tokens += event.tokens
         # Log-probabilities first: the text of this same event may complete a detection.
-        self.coordinate_logprobs.extend(event.coordinate_logprobs)
+        if event.coordinate_logprobs:
+            self.coordinate_logprobs.extend(event.coordinate_logprobs)
         if event.finish_reason is not None and self.finish_reason is None:
             self.finish_reason = event.finish_reason
-        if not event.text:
-            return []
-        self.raw.append(event.text)
-        return self._accept(self.parser.feed(event.text))
+        text = event.text
+        if not text:
+            return ()
+        self.raw.append(text)
+        parsed = self.parser.feed(text)
+        return self._accept(parsed) if parsed else ()
 
     def finish(self) -> list[DetectionModel]:
         return self._accept(self.parser.finish())
@@ -105,6 +109,7 @@ class OutputTracker:
             if key in self._seen:
                 self.duplicates += 1
                 self._duplicate_run += 1
+                self.runaway = self.repetition_limit is not None and self._duplicate_run >= self.repetition_limit
                 continue
             self._seen.add(key)
             self._duplicate_run = 0

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rexomni_server.engines.forced import _phrase_groups, split_forced_by_category
-from rexomni_server.parsing import BOX_END, BOX_START, IM_END, OBJECT_REF_END, OBJECT_REF_START
+from rexomni_server.parsing import BOX_END, BOX_START, OBJECT_REF_END, OBJECT_REF_START
 from rexomni_server.schemas import MAX_FORCED_OUTPUT_CHARS
+from rexomni_server.vocabulary import END_MARKER
 
 # The splitter's former implementation, the reference for its results: lazy quantifiers that
 # backtrack in cubic time when groups never close (a 20 kB output took 13 s).
@@ -35,7 +36,7 @@ def group(phrase: str, coords: str = "<1><2><3><4>") -> str:
 
 
 def test_each_category_gets_its_groups_in_order() -> None:
-    forced = ", ".join([group("cat"), group(" dog ", "<5><6>"), group("cat", "<7><8><9><10>")]) + IM_END
+    forced = ", ".join([group("cat"), group(" dog ", "<5><6>"), group("cat", "<7><8><9><10>")]) + END_MARKER
     assert split_forced_by_category(forced, ["dog", "cat", "bird"]) == [
         group(" dog ", "<5><6>"),
         f"{group('cat')}, {group('cat', '<7><8><9><10>')}",
@@ -51,7 +52,7 @@ PIECES = st.sampled_from(
         OBJECT_REF_END,
         BOX_START,
         BOX_END,
-        IM_END,
+        END_MARKER,
         "<|object_ref_",
         "end|>",
         "<|box_",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from PIL import Image
 
-# Engines report the first three; the service adds its own early stops.
-FinishReason = Literal["stop", "length", "abort", "max_detections", "repetition"]
+from rexomni_server.vocabulary import FinishReason
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class EngineRequest:
     priority: int = 0  # lower first, on engines that schedule by priority
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per token, and a frozen dataclass is slower to make
 class EngineEvent:
     """One step of a generation stream.
 

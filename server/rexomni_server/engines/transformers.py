@@ -16,12 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
+from rexomni_server.coords import bin_token
+from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.engines.detokenize import IncrementalDetokenizer
 from rexomni_server.engines.forced import ForcedOutputLogitsProcessor, forced_token_ids
 from rexomni_server.engines.loading import run_abandonable
 from rexomni_server.errors import EngineDead, EngineFailure, EngineNotReady
-from rexomni_server.prompts import IMAGE_PAD, STOP_TOKEN, build_chat_prompt
+from rexomni_server.prompts import IMAGE_PAD, build_chat_prompt
+from rexomni_server.vocabulary import END_MARKER, NUM_BINS, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def is_sticky_device_error(exc: BaseException) -> bool:
 def coordinate_token_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of <0>..<999> in this tokenizer (absent ones skipped)."""
     vocab = tokenizer.get_vocab()
-    return frozenset(vocab[t] for t in (f"<{i}>" for i in range(1000)) if t in vocab)
+    return frozenset(vocab[t] for t in (bin_token(i) for i in range(NUM_BINS)) if t in vocab)
 
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
@@ -199,7 +201,7 @@ class TransformersEngine:
             model_class: Any = Qwen2_5_VLForConditionalGeneration
             model = model_class.from_pretrained(self.model_path, dtype=torch_dtype)
             self._model = model.to(self._device).eval()
-        self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        self._eos_id = self._tokenizer.convert_tokens_to_ids(END_MARKER)
         # <|im_end|> ends the answer; the checkpoint's own end tokens (e.g. <|endoftext|>) too,
         # as vLLM and the reference wrapper honour them.
         configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)

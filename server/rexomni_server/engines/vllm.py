@@ -18,13 +18,14 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from rexomni_server.engines.base import EngineEvent, EngineRequest, FinishReason
+from rexomni_server.engines.base import EngineEvent, EngineRequest
 from rexomni_server.engines.forced import forced_token_ids
 from rexomni_server.engines.loading import run_abandonable
 from rexomni_server.engines.transformers import coordinate_token_ids
 from rexomni_server.errors import EngineDead, EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RexOmniError
-from rexomni_server.prompts import STOP_TOKEN, build_chat_prompt
-from rexomni_server.settings import PIXEL_UNIT, Settings
+from rexomni_server.prompts import build_chat_prompt
+from rexomni_server.settings import Settings
+from rexomni_server.vocabulary import END_MARKER, PIXEL_UNIT, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class VllmEngine:
             await self.stop()
             raise EngineNotReady("the engine was stopped while it started")
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
-        self._eos_id = self._tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+        self._eos_id = self._tokenizer.convert_tokens_to_ids(END_MARKER)
         self._coordinate_ids = coordinate_token_ids(self._tokenizer)
         self._ready = True
         log.info("vllm engine loaded %s", self.model_path)

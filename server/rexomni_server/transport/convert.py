@@ -22,9 +22,6 @@ from rexomni_server.schemas import (
 )
 from rexomni_server.tasks import Task
 
-# The largest message the Python gRPC clients send (and receive) by default.
-CLIENT_MAX_MESSAGE_BYTES = 64 << 20
-
 # The schema's limits on repeated fields, checked on the message before any Python list (or
 # pydantic model) is built from an over-long one.
 _REPEATED_LIMITS = {"categories": MAX_CATEGORY_ENTRIES, "visual_prompt_boxes": MAX_VISUAL_PROMPT_BOXES}

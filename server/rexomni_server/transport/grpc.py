@@ -38,13 +38,12 @@ from rexomni_server.transport.convert import (
     params_from_pb,
     result_to_pb,
 )
+from rexomni_server.vocabulary import MAX_MESSAGE_BYTES, REQUEST_OVERHEAD_BYTES
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = "rexomni.v1.Detector"
-# Headroom over the largest accepted image for the rest of the request message.
-MESSAGE_OVERHEAD_BYTES = 1 << 20
 
 
 def add_detector_servicer(servicer: DetectorServicer, server: grpc.aio.Server) -> None:
@@ -63,7 +62,6 @@ def add_detector_servicer(servicer: DetectorServicer, server: grpc.aio.Server) -
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-MAX_SEND_BYTES = 64 << 20
 # Messages up to this size are parsed on the event loop (a thread hop costs more); larger ones,
 # as every message with a real photo in it, in a worker thread.
 INLINE_MESSAGE_BYTES = 64 * 1024
@@ -215,8 +213,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     often than allowed is disconnected (a cheap way to keep a server busy)."""
     ms = 1000
     return [
-        ("grpc.max_receive_message_length", settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES),
-        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.max_receive_message_length", settings.max_image_bytes + REQUEST_OVERHEAD_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_s * ms)),
         ("grpc.keepalive_timeout_ms", 20 * ms),
         ("grpc.keepalive_permit_without_calls", 1),
