@@ -44,6 +44,10 @@ class RequestRecord:
     # Told the request's time budget (seconds) once it is admitted; the transport uses it to
     # cut an answer whose client stopped reading (see ``deadline_guard``).
     on_deadline: Callable[[float], None] | None = None
+    # ``time.perf_counter()`` when its generation started (left the queue) and when its first
+    # detection was ready; None until then.
+    started: float | None = None
+    first_detection: float | None = None
 
     def fail(self, status: str) -> None:
         if self.status is None:
@@ -57,6 +61,30 @@ class RequestRecord:
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.arrived
 
+    def ms_since_arrival(self, moment: float) -> float:
+        return (moment - self.arrived) * 1000
+
+
+@contextlib.contextmanager
+def recording(record: RequestRecord) -> Iterator[None]:
+    """Sets the record's status from how the block ends: "ok", the error's code, "cancelled"
+    (also for a generator closed early: its client left), "timeout", or "internal"."""
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        record.fail(CANCELLED)
+        raise
+    except TimeoutError:
+        record.fail(RequestTimeout.code)
+        raise
+    except RexOmniError as exc:
+        record.fail(exc.code)
+        raise
+    except BaseException:
+        record.fail(INTERNAL)
+        raise
+    record.fail(OK)
+
 
 class RequestLedger:
     """Opens and closes request records: the only place a request is logged and counted."""
@@ -68,19 +96,8 @@ class RequestLedger:
     def scope(self, request_id: str, transport: str) -> Iterator[RequestRecord]:
         record = RequestRecord(request_id, transport)
         try:
-            yield record
-        except (asyncio.CancelledError, GeneratorExit):
-            record.fail(CANCELLED)
-            raise
-        except TimeoutError:
-            record.fail(RequestTimeout.code)
-            raise
-        except RexOmniError as exc:
-            record.fail(exc.code)
-            raise
-        except BaseException:
-            record.fail(INTERNAL)
-            raise
+            with recording(record):
+                yield record
         finally:
             self.close(record)
 

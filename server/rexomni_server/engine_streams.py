@@ -27,36 +27,50 @@ class Deadline:
     def __init__(self, at: float, timeout_s: float) -> None:
         self.at = at
         self.timeout_s = timeout_s
-        self._expired = False
+        self.expired = False
         self._waiting: asyncio.Task[object] | None = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(at - time.perf_counter(), 0.0), self._expire)
 
     def _expire(self) -> None:
-        self._expired = True
+        self.expired = True
         if self._waiting is not None:
             self._waiting.cancel()
 
     def error(self) -> RequestTimeout:
         return RequestTimeout(f"request exceeded {self.timeout_s:g} s")
 
+    def enter(self, task: asyncio.Task[object]) -> None:
+        """``task`` starts waiting: from now the timer interrupts it (RequestTimeout at once if
+        the budget is spent already)."""
+        if self.expired:
+            raise self.error()
+        self._waiting = task
+
+    def leave(self, cancelled: asyncio.CancelledError | None = None) -> None:
+        """The wait ended; given the CancelledError that ended it, raises RequestTimeout if the
+        cancel was the timer's own (anyone else's, e.g. a client that left, stays a cancel)."""
+        task, self._waiting = self._waiting, None
+        if cancelled is not None and self.expired and task is not None and task.uncancel() == 0:
+            raise self.error() from None
+
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """``await awaitable``, or RequestTimeout once the budget is spent."""
-        if self._expired or time.perf_counter() >= self.at:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            self.enter(task)
+        except RequestTimeout:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()  # not awaited: closed, so it is not reported as forgotten
-            raise self.error()
-        task = asyncio.current_task()
-        self._waiting = task
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            # Our own cancel becomes the timeout; anyone else's (a client that left) stays a cancel.
-            if self._expired and task is not None and task.uncancel() == 0:
-                raise self.error() from None
             raise
-        finally:
-            self._waiting = None
+        try:
+            result = await awaitable
+        except asyncio.CancelledError as exc:
+            self.leave(exc)
+            raise
+        self.leave()
+        return result
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -68,27 +82,45 @@ class EngineStreams:
 
     def __init__(self, engine: Engine, requests: Sequence[EngineRequest], deadline: Deadline) -> None:
         self._deadline = deadline
+        self._task: asyncio.Task[object] | None = None  # the reading task, once known
         self._active = set(range(len(requests)))
         if len(requests) == 1:
             self._single: AsyncIterator[EngineEvent] | None = engine.stream(requests[0])
+            self._next_single = self._single.__anext__
             self._pumps: list[asyncio.Task[None]] = []
         else:
             self._single = None
             self._queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
             self._pumps = [asyncio.create_task(self._pump(engine, i, r)) for i, r in enumerate(requests)]
 
+    def _current_task(self) -> asyncio.Task[object]:
+        # One task reads a request's streams from start to end (the request's own).
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        return task
+
     def active(self, index: int) -> bool:
         return index in self._active
 
     async def next(self) -> tuple[int, EngineEvent] | None:
         if self._single is not None:
+            # The hot path (once per token): Deadline.wait inlined, the reading task looked up once.
             if not self._active:
                 return None
+            deadline = self._deadline
+            deadline.enter(self._task or self._current_task())
             try:
-                return 0, await self._deadline.wait(anext(self._single))
+                event = await self._next_single()
             except StopAsyncIteration:
+                deadline.leave()
                 self._active.clear()
                 return None
+            except asyncio.CancelledError as exc:
+                deadline.leave(exc)
+                raise
+            deadline.leave()
+            return 0, event
         while self._active:
             index, item = await self._deadline.wait(self._queue.get())
             if item is None:

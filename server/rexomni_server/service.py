@@ -13,13 +13,13 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from rexomni_server.accounting import CANCELLED, INTERNAL, OK, RequestLedger, RequestRecord
+from rexomni_server.accounting import INTERNAL, RequestLedger, RequestRecord, recording
 from rexomni_server.engine_streams import Deadline, EngineStreams
-from rexomni_server.engines.base import Engine, EngineRequest, FinishReason, SamplingConfig
+from rexomni_server.engines.base import Engine, EngineRequest, SamplingConfig
 from rexomni_server.engines.forced import split_forced_by_category
 from rexomni_server.errors import (
     EngineDead,
@@ -30,7 +30,6 @@ from rexomni_server.errors import (
     RexOmniError,
 )
 from rexomni_server.images import (
-    FACTOR,
     ImageLimits,
     PreparedImage,
     decode_base64_image,
@@ -49,6 +48,7 @@ from rexomni_server.schemas import (
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import Task
 from rexomni_server.tracking import OutputTracker
+from rexomni_server.vocabulary import FINISH_PRECEDENCE, PATCH_SIDE, PIXEL_UNIT, FinishReason
 
 # Room kept for the chat template and task text beside the image tokens.
 PROMPT_TEXT_TOKENS = 256
@@ -69,7 +69,7 @@ class AcceptedEvent:
     image: ImageInfo
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per detection: slots and no frozen-field setters keep it cheap
 class DetectionEvent:
     index: int
     detection: DetectionModel
@@ -110,15 +110,43 @@ class _QueueGauge:
 
 @dataclass
 class _Run:
-    """One admitted request on its way through the engine (one engine request per category
-    when fanned out)."""
+    """One admitted request, from admission to its result: the record (status, timings, the
+    log line), its time budget and queue gauge, then its engine requests (one per category when
+    fanned out) with a tracker each, and what was streamed."""
 
     record: RequestRecord
-    engine_requests: list[EngineRequest]
     params: DetectParams
-    image: ImageInfo
     deadline: Deadline  # the request's time budget, decoding included
     queue: _QueueGauge
+    image: ImageInfo | None = None
+    engine_requests: list[EngineRequest] = field(default_factory=list)
+    trackers: list[OutputTracker] = field(default_factory=list)
+    # What was streamed, per engine request: the result is exactly these, in category order.
+    streamed: list[list[DetectionModel]] = field(default_factory=list)
+    emitted: int = 0
+    stopped: FinishReason | None = None  # the service's own early stop
+
+    def start_generation(self, engine_requests: list[EngineRequest], repetition_limit: int | None) -> None:
+        assert self.image is not None
+        self.engine_requests = engine_requests
+        self.trackers = [
+            OutputTracker(self.params.task, self.image.width, self.image.height, repetition_limit)
+            for _ in engine_requests
+        ]
+        self.streamed = [[] for _ in engine_requests]
+
+    def emit(self, index: int, detection: DetectionModel) -> DetectionEvent:
+        """The next detection of engine request ``index``, as the event that streams it."""
+        now = time.perf_counter()
+        if self.record.first_detection is None:
+            self.record.first_detection = now
+        self.streamed[index].append(detection)
+        self.emitted += 1
+        return DetectionEvent(self.emitted - 1, detection, self.record.ms_since_arrival(now))
+
+    @property
+    def at_max_detections(self) -> bool:
+        return self.emitted == self.params.options.max_detections
 
 
 def new_request_id() -> str:
@@ -184,13 +212,13 @@ class DetectionService:
         """Tokens the context leaves for the answer after the prompt. The image alone must fit
         (with room for an answer): say how to make it fit instead of failing later."""
         width, height = resized_size
-        image_tokens = (width // FACTOR) * (height // FACTOR)
+        image_tokens = (width // PATCH_SIDE) * (height // PATCH_SIDE)
         budget = self.settings.max_model_len - PROMPT_TEXT_TOKENS
         if image_tokens >= budget:
             raise InvalidRequest(
                 f"the image needs {image_tokens} tokens at {width}x{height}, more than the context "
                 f"(max_model_len {self.settings.max_model_len}) leaves; lower options.max_pixels to at "
-                f"most {(budget - 1) * FACTOR * FACTOR}"
+                f"most {(budget - 1) * PIXEL_UNIT}"
             )
         return budget - image_tokens
 
@@ -283,164 +311,173 @@ class DetectionService:
         self, params: DetectParams, image: EncodedImage, record: RequestRecord, timeout_s: float | None
     ) -> AsyncGenerator[ServiceEvent, None]:
         record.task = params.task.value
-        try:
-            cost = self.engine_requests_for(params)
-            self._admit(cost)
-        except RexOmniError as exc:
-            record.fail(exc.code)
-            raise
+        with recording(record), self._admitted(record, params, timeout_s) as run:
+            try:
+                await self._prepare(run, image)
+                assert run.image is not None
+                yield AcceptedEvent(record.request_id, run.image)
+                # Closed with this stream (a client that leaves), not whenever it is collected.
+                async with contextlib.aclosing(self._run(run)) as events:
+                    async for event in events:
+                        yield event
+            except (RexOmniError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                # A bug of ours, or an engine failing in a way it does not report itself: the
+                # client still gets a typed error with its request id, and the traceback is logged.
+                record.fail(INTERNAL)
+                log.exception("request failed", extra={"fields": {"request_id": record.request_id}})
+                raise EngineFailure(
+                    f"internal error ({type(exc).__name__}); see the server log for request {record.request_id}"
+                ) from exc
+
+    @contextlib.contextmanager
+    def _admitted(self, record: RequestRecord, params: DetectParams, timeout_s: float | None) -> Iterator[_Run]:
+        """Admission (raises a refusal), then the request's place in the counts and gauges
+        and its time budget, until it ends."""
+        cost = self.engine_requests_for(params)
+        self._admit(cost)
         record.admitted = True
         self.in_flight += 1
         self.engine_requests += cost
         self.metrics.in_flight.inc()
-        queue = _QueueGauge(self.metrics)
         timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
         record.start_deadline(timeout)
-        deadline = Deadline(record.arrived + timeout, timeout)
+        run = _Run(record, params, Deadline(record.arrived + timeout, timeout), _QueueGauge(self.metrics))
         try:
-            sampling = self._sampling(params)
-            min_pixels, max_pixels = self._pixel_bounds(params)
-            self._check_forced(params)
-            self._check_priority(params)
-            prepared = await self._prepare_image(image, min_pixels, max_pixels, deadline)
-            # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
-            # asking for no more keeps the transformers engine inside the trained context too.
-            room = self._answer_room(prepared.resized_size)
-            if sampling.max_new_tokens > room:
-                sampling = dataclasses.replace(sampling, max_new_tokens=room)
-            texts = self._task_texts(params, (prepared.width, prepared.height))
-            engine_token = uuid.uuid4().hex[:12]
-            engine_requests = [
-                EngineRequest(
-                    # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
-                    # refuses a running duplicate); the client's id stays in logs and headers.
-                    request_id=f"{record.request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
-                    task_text=text,
-                    image=prepared.resized,
-                    sampling=sampling,
-                    forced_output=forced,
-                    logprobs=params.options.scores,
-                    priority=params.options.priority,
-                )
-                for i, (text, forced) in enumerate(texts)
-            ]
-            info = ImageInfo(
-                width=prepared.width,
-                height=prepared.height,
-                resized_width=prepared.resized_size[0],
-                resized_height=prepared.resized_size[1],
-            )
-            self.metrics.image_pixels.observe(info.resized_width * info.resized_height)
-            yield AcceptedEvent(record.request_id, info)
-            run = _Run(record, engine_requests, params, info, deadline, queue)
-            # Closed with this stream (a client that leaves), not whenever it is collected.
-            async with contextlib.aclosing(self._run(run)) as events:
-                async for event in events:
-                    yield event
-            record.fail(OK)
-        except (asyncio.CancelledError, GeneratorExit):
-            record.fail(CANCELLED)
-            raise
-        except RexOmniError as exc:
-            record.fail(exc.code)
-            raise
-        except Exception as exc:
-            # A bug of ours, or an engine failing in a way it does not report itself: the
-            # client still gets a typed error with its request id, and the traceback is logged.
-            record.fail(INTERNAL)
-            log.exception("request failed", extra={"fields": {"request_id": record.request_id}})
-            raise EngineFailure(
-                f"internal error ({type(exc).__name__}); see the server log for request {record.request_id}"
-            ) from exc
+            yield run
         finally:
-            deadline.cancel()
-            queue.leave()
+            run.deadline.cancel()
+            run.queue.leave()
             self.in_flight -= 1
             self.engine_requests -= cost
             self.metrics.in_flight.dec()
 
-    async def _run(self, run: _Run) -> AsyncGenerator[ServiceEvent, None]:
-        params, task, m = run.params, run.params.task.value, self.metrics
-        options = params.options
-        repetition_limit = self.settings.repetition_limit if options.stop_on_repetition else None
-        trackers = [
-            OutputTracker(params.task, run.image.width, run.image.height, repetition_limit) for _ in run.engine_requests
+    async def _prepare(self, run: _Run, image: EncodedImage) -> None:
+        """Options checked, image decoded and resized, engine requests built."""
+        params = run.params
+        sampling = self._sampling(params)
+        min_pixels, max_pixels = self._pixel_bounds(params)
+        self._check_forced(params)
+        self._check_priority(params)
+        prepared = await self._prepare_image(image, min_pixels, max_pixels, run.deadline)
+        # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
+        # asking for no more keeps the transformers engine inside the trained context too.
+        room = self._answer_room(prepared.resized_size)
+        if sampling.max_new_tokens > room:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        run.image = ImageInfo(
+            width=prepared.width,
+            height=prepared.height,
+            resized_width=prepared.resized_size[0],
+            resized_height=prepared.resized_size[1],
+        )
+        self.metrics.image_pixels.observe(run.image.resized_width * run.image.resized_height)
+        texts = self._task_texts(params, (prepared.width, prepared.height))
+        engine_token = uuid.uuid4().hex[:12]
+        engine_requests = [
+            EngineRequest(
+                # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
+                # refuses a running duplicate); the client's id stays in logs and headers.
+                request_id=f"{run.record.request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
+                task_text=text,
+                image=prepared.resized,
+                sampling=sampling,
+                forced_output=forced,
+                logprobs=params.options.scores,
+                priority=params.options.priority,
+            )
+            for i, (text, forced) in enumerate(texts)
         ]
+        repetition_limit = self.settings.repetition_limit if params.options.stop_on_repetition else None
+        run.start_generation(engine_requests, repetition_limit)
+
+    async def _run(self, run: _Run) -> AsyncGenerator[ServiceEvent, None]:
+        """Engine events in, detection events out (as each is complete), then the result."""
+        trackers = run.trackers
         streams = EngineStreams(self.engine, run.engine_requests, run.deadline)
-        started_at: float | None = None
-        first_detection_at: float | None = None
-        stopped: FinishReason | None = None
-        emitted = 0
-        # What was streamed, per engine request: the result is exactly these, in category order.
-        streamed: list[list[DetectionModel]] = [[] for _ in run.engine_requests]
         try:
+            # The hot loop: once per engine event (a token, or a few).
             while (arrived := await streams.next()) is not None:
-                index, item = arrived
-                if item.started and started_at is None:
-                    started_at = time.perf_counter()
-                    run.queue.leave()
-                    m.queue_wait.labels(task).observe(started_at - run.record.arrived)
+                index, event = arrived
+                if event.started:
+                    self._generation_started(run)
                 tracker = trackers[index]
-                for detection in tracker.on_event(item):
-                    now = time.perf_counter()
-                    if first_detection_at is None:
-                        first_detection_at = now
-                        m.first_detection.labels(task, run.record.transport).observe(now - run.record.arrived)
-                    yield DetectionEvent(emitted, detection, (now - run.record.arrived) * 1000)
-                    streamed[index].append(detection)
-                    emitted += 1
-                    if options.max_detections is not None and emitted >= options.max_detections:
-                        stopped = "max_detections"
+                for detection in tracker.on_event(event):
+                    yield self._emitted(run, index, detection)
+                    if run.at_max_detections:
+                        run.stopped = "max_detections"
+                        for i in range(len(trackers)):
+                            streams.stop(i)
                         break
-                if stopped:
-                    for i in range(len(trackers)):
-                        streams.stop(i)
-                elif tracker.runaway and streams.active(index):
+                if tracker.runaway and streams.active(index):
                     tracker.finish_reason = "repetition"
                     streams.stop(index)
         finally:
             await streams.close()
-            run.record.fields.update(
-                prompt_tokens=sum(t.prompt_tokens for t in trackers),
-                completion_tokens=sum(t.completion_tokens for t in trackers),
-            )
-            m.generated_tokens.labels(task).inc(sum(t.completion_tokens for t in trackers))
-            m.prompt_tokens.labels(task).inc(sum(t.prompt_tokens for t in trackers))
-        if stopped is None:
+            self._count_tokens(run)
+        if run.stopped is None:
             for index, tracker in enumerate(trackers):
                 for detection in tracker.finish():
-                    yield DetectionEvent(emitted, detection, (time.perf_counter() - run.record.arrived) * 1000)
-                    streamed[index].append(detection)
-                    emitted += 1
-        detections = [d for per_request in streamed for d in per_request]
-        yield DoneEvent(self._result(run, trackers, detections, stopped, started_at, first_detection_at))
+                    yield self._emitted(run, index, detection)
+        yield DoneEvent(self._result(run))
 
-    def _result(
-        self,
-        run: _Run,
-        trackers: list[OutputTracker],
-        detections: list[DetectionModel],
-        stopped: FinishReason | None,
-        started_at: float | None,
-        first_detection_at: float | None,
-    ) -> DetectResult:
-        task, m = run.params.task.value, self.metrics
-        reasons = {t.finish_reason or "stop" for t in trackers}
-        precedence: tuple[FinishReason, ...] = ("repetition", "length", "abort")
-        finish_reason: FinishReason = next((r for r in precedence if r in reasons), "stop")
-        if stopped is not None:
-            finish_reason = stopped
-        truncated = stopped is None and any(t.truncated for t in trackers)
+    def _generation_started(self, run: _Run) -> None:
+        if run.record.started is None:
+            run.record.started = time.perf_counter()
+            run.queue.leave()
+            self.metrics.queue_wait.labels(run.params.task.value).observe(run.record.started - run.record.arrived)
+
+    def _emitted(self, run: _Run, index: int, detection: DetectionModel) -> DetectionEvent:
+        first = run.record.first_detection is None
+        event = run.emit(index, detection)
+        if first:
+            self.metrics.first_detection.labels(run.params.task.value, run.record.transport).observe(
+                event.elapsed_ms / 1000
+            )
+        return event
+
+    def _count_tokens(self, run: _Run) -> None:
+        task = run.params.task.value
+        prompt = sum(t.prompt_tokens for t in run.trackers)
+        completion = sum(t.completion_tokens for t in run.trackers)
+        run.record.fields.update(prompt_tokens=prompt, completion_tokens=completion)
+        self.metrics.generated_tokens.labels(task).inc(completion)
+        self.metrics.prompt_tokens.labels(task).inc(prompt)
+
+    def _result(self, run: _Run) -> DetectResult:
+        task, trackers, record = run.params.task.value, run.trackers, run.record
+        assert run.image is not None
+        finish_reason = run.stopped or overall_finish_reason(t.finish_reason for t in trackers)
+        truncated = run.stopped is None and any(t.truncated for t in trackers)
+        detections = [d for per_request in run.streamed for d in per_request]
         skipped = sum(t.parser.state.skipped for t in trackers)
         duplicates = sum(t.duplicates for t in trackers)
+        m = self.metrics
         m.detections.labels(task).observe(len(detections))
         m.parse_skipped.labels(task).inc(skipped)
         m.finish_reasons.labels(task, finish_reason).inc()
         if truncated:
             m.truncated.labels(task).inc()
         finished = time.perf_counter()
-        result = DetectResult(
-            request_id=run.record.request_id,
+        timings = Timings(
+            queue_ms=round(record.ms_since_arrival(record.started or finished), 3),
+            first_detection_ms=(
+                round(record.ms_since_arrival(record.first_detection), 3) if record.first_detection else None
+            ),
+            total_ms=round(record.ms_since_arrival(finished), 3),
+        )
+        record.fields.update(
+            detections=len(detections),
+            engine_requests=len(trackers),
+            finish_reason=finish_reason,
+            truncated=truncated,
+            duplicates=duplicates,
+            queue_ms=timings.queue_ms,
+            first_detection_ms=timings.first_detection_ms,
+        )
+        return DetectResult(
+            request_id=record.request_id,
             model=self.model_label,
             task=run.params.task,
             detections=detections,
@@ -453,25 +490,9 @@ class DetectionService:
                 prompt_tokens=sum(t.prompt_tokens for t in trackers),
                 completion_tokens=sum(t.completion_tokens for t in trackers),
             ),
-            timings=Timings(
-                queue_ms=round(((started_at or finished) - run.record.arrived) * 1000, 3),
-                first_detection_ms=(
-                    round((first_detection_at - run.record.arrived) * 1000, 3) if first_detection_at else None
-                ),
-                total_ms=round((finished - run.record.arrived) * 1000, 3),
-            ),
+            timings=timings,
             raw_output=", ".join("".join(t.raw) for t in trackers) if run.params.options.return_raw_output else None,
         )
-        run.record.fields.update(
-            detections=len(detections),
-            engine_requests=len(trackers),
-            finish_reason=finish_reason,
-            truncated=truncated,
-            duplicates=duplicates,
-            queue_ms=result.timings.queue_ms,
-            first_detection_ms=result.timings.first_detection_ms,
-        )
-        return result
 
     async def detect(
         self,
@@ -494,3 +515,9 @@ class DetectionService:
         if result is None:
             raise RuntimeError("detection stream ended without a result")
         return result
+
+
+def overall_finish_reason(reasons: Iterable[FinishReason | None]) -> FinishReason:
+    """The finish reason of a request from those of its engine requests (None: still "stop")."""
+    seen = set(reasons)
+    return next((r for r in FINISH_PRECEDENCE if r in seen), "stop")

@@ -83,36 +83,35 @@ class ScriptedEngine:
             raise EngineNotReady("the scripted engine is not started")
         self.requests.append(request)
         self._running.add(request.request_id)
+        # One generator, no inner one: a benchmark on this engine measures the server, and a
+        # generator layer per token would be the harness's cost counted as the server's.
         try:
-            async for event in self._replay(request):
-                yield event
+            text = request.forced_output if request.forced_output is not None else self._default
+            pieces = split_like_tokens(text)
+            budget = request.sampling.max_new_tokens
+            self._check_alive()
+            yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
+            coordinates = 0
+            scored = request.logprobs and bool(self._coordinate_logprobs)
+            for index, piece in enumerate(pieces[:budget]):
+                if request.request_id in self._aborted:
+                    yield EngineEvent(finish_reason="abort")
+                    return
+                if self._delay:
+                    await asyncio.sleep(self._delay)
+                elif index % YIELD_EVERY_TOKENS == 0:
+                    await asyncio.sleep(0)
+                if self._failure is not None:
+                    self._check_alive()
+                logprobs: tuple[float, ...] = ()
+                if scored and piece.startswith("<") and piece[1:-1].isdigit():
+                    logprobs = (self._coordinate_logprobs[coordinates % len(self._coordinate_logprobs)],)
+                    coordinates += 1
+                yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
+            yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")
         finally:
             self._running.discard(request.request_id)
             self._aborted.discard(request.request_id)
-
-    async def _replay(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        text = request.forced_output if request.forced_output is not None else self._default
-        pieces = split_like_tokens(text)
-        budget = request.sampling.max_new_tokens
-        self._check_alive()
-        yield EngineEvent(started=True, prompt_tokens=self._prompt_tokens)
-        coordinates = 0
-        for index, piece in enumerate(pieces[:budget]):
-            if request.request_id in self._aborted:
-                yield EngineEvent(finish_reason="abort")
-                return
-            if self._delay:
-                await asyncio.sleep(self._delay)
-            elif index % YIELD_EVERY_TOKENS == 0:
-                await asyncio.sleep(0)
-            self._check_alive()
-            is_coordinate = piece.startswith("<") and piece[1:-1].isdigit()
-            logprobs: tuple[float, ...] = ()
-            if is_coordinate and request.logprobs and self._coordinate_logprobs:
-                logprobs = (self._coordinate_logprobs[coordinates % len(self._coordinate_logprobs)],)
-            coordinates += is_coordinate
-            yield EngineEvent(text=piece, tokens=1, coordinate_logprobs=logprobs)
-        yield EngineEvent(finish_reason="length" if len(pieces) > budget else "stop")
 
     def _check_alive(self) -> None:
         if self._failure is not None:
