@@ -1,16 +1,26 @@
 """The server's own cost: CPU per request and per generated token, by transport and load, so
-that one process never limits a GPU.
+that one process never limits a GPU; and its throughput against `vllm serve`'s.
 
     python -m benchmarks.ceiling [--in-flight 1 16 64 256] [--transports http sse grpc]
+    .venv-vllm/bin/python -m benchmarks.ceiling --engine vllm [--in-flight 1 8 32]
 
-A real server process on the scripted engine (no model: its answers are the forced outputs, so
-every CPU cycle the process spends is the server's own). For each transport and number of
-requests in flight, the same number of requests is sent twice: answers of 0 boxes and answers
-of ``--boxes`` boxes. The server process's CPU time (user + system, from /proc) of each batch
-gives the cost per request (the 0-box batch) and the cost per token (the difference divided by
-the extra tokens): per-request work cancels out. ``tokens/s`` is the ceiling one process could
-feed at that cost per token. The client runs in this process, on the same machine: its CPU is
-not counted, but it shares the cores, so wall times are only indicative.
+Scripted engine (the default): a real server process on the scripted engine (no model: its
+answers are the forced outputs, so every CPU cycle the process spends is the server's own). For
+each transport and number of requests in flight, the same number of requests is sent twice:
+answers of 0 boxes and answers of ``--boxes`` boxes. The server process's CPU time (user +
+system, from /proc) of each batch gives the cost per request (the 0-box batch) and the cost per
+token (the difference divided by the extra tokens): per-request work cancels out. ``tokens/s``
+is the ceiling one process could feed at that cost per token. The client runs in this process,
+on the same machine: its CPU is not counted, but it shares the cores, so wall times are only
+indicative.
+
+vLLM engine (vLLM's CPU build, the tiny checkpoint): our server on the vLLM engine, then
+`vllm serve` on the same checkpoint, each alone on the machine, answering the same requests
+(same image, task text and forced output, so the same tokens) at each number in flight:
+tokens/s end to end, the front process's CPU per token (ours: HTTP, gRPC, parsing and vLLM's
+output processing; theirs: HTTP and output processing; the engine core is another process in
+both), and the ratio of the two throughputs. Our unary HTTP and gRPC are compared with its
+plain chat completions, our SSE with its streamed ones.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,18 +39,23 @@ from typing import Any
 import grpc
 import httpx
 
-from benchmarks.common import b64, jpeg_bytes, realistic_forced, start_scripted_server, write_json
+from benchmarks.common import b64, jpeg_bytes, realistic_forced, start_server, write_json
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.schemas import DetectParams
 from rexomni_server.transport.convert import params_to_pb
 
 TRANSPORTS = ("http", "sse", "grpc")
-IMAGE = jpeg_bytes(64, 48)  # small: decoding is per-request work, not what this measures
+CATEGORY = "person"
+SCRIPTED_IMAGE = jpeg_bytes(64, 48)  # small: decoding is per-request work, not what this measures
+# A smart_resize size already (8 x 8 image tokens): both servers give the model the same image.
+VLLM_IMAGE = jpeg_bytes(224, 224)
+# Which of `vllm serve`'s answers each of our transports is compared with.
+VLLM_COUNTERPART = {"http": "unary", "grpc": "unary", "sse": "stream"}
 
 
 @dataclass(frozen=True)
 class Batch:
-    cpu_s: float  # the server process's CPU time over the batch
+    cpu_s: float  # the server's front process's CPU time over the batch
     wall_s: float
     requests: int
     tokens: int  # completion tokens, as the server reported them
@@ -53,11 +69,12 @@ def cpu_seconds(pid: int) -> float:
 Send = Callable[[str], Awaitable[int]]  # forced output -> completion tokens
 
 
-def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel) -> dict[str, Send]:
+def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel, image: bytes) -> dict[str, Send]:
+    """Our server's three ways to answer a request, each returning its completion tokens."""
     stub = pb_grpc.DetectorStub(channel)  # type: ignore[no-untyped-call]
 
     def body(forced: str) -> dict[str, Any]:
-        return {"image": b64(IMAGE), "categories": ["person"], "options": {"forced_output": forced}}
+        return {"image": b64(image), "categories": [CATEGORY], "options": {"forced_output": forced}}
 
     async def unary(forced: str) -> int:
         response = await http.post("/v1/detect", json=body(forced))
@@ -74,9 +91,9 @@ def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel) -> dict[str, Sen
         return int(json.loads(last[5:])["usage"]["completion_tokens"])
 
     async def over_grpc(forced: str) -> int:
-        params = DetectParams(categories=["person"], options={"forced_output": forced})  # type: ignore[arg-type]
+        params = DetectParams(categories=[CATEGORY], options={"forced_output": forced})  # type: ignore[arg-type]
         tokens = 0
-        async for event in stub.DetectStream(params_to_pb(params, IMAGE)):
+        async for event in stub.DetectStream(params_to_pb(params, image)):
             if event.WhichOneof("event") == "done":
                 tokens = event.done.usage.completion_tokens
         return tokens
@@ -99,39 +116,46 @@ async def batch(send: Send, forced: str, requests: int, in_flight: int, pid: int
     return Batch(cpu_seconds(pid) - cpu, time.perf_counter() - wall, requests, tokens)
 
 
-async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+def client_limits(args: argparse.Namespace) -> httpx.Limits:
+    # Idle connections are dropped before the server's keep-alive timeout (5 s) can close one
+    # under a request.
+    most = max(args.in_flight)
+    return httpx.Limits(max_connections=most, max_keepalive_connections=most, keepalive_expiry=2.0)
+
+
+def requests_at(args: argparse.Namespace, in_flight: int) -> int:
+    return int(max(args.min_requests, 2 * in_flight))
+
+
+# ---- scripted engine: the server's own cost ---------------------------------------------------
+async def measure_scripted(args: argparse.Namespace) -> list[dict[str, Any]]:
     most = max(args.in_flight) * 2
-    proc, url, target = start_scripted_server(
+    proc, url, target = start_server(
         "--max-queue", str(most), "--decode-queue", str(most), "--http-max-connections", str(2 * most)
     )
     rows: list[dict[str, Any]] = []
-    # Idle connections are dropped before the server's keep-alive timeout (5 s) can close one
-    # under a request.
-    limits = httpx.Limits(
-        max_connections=max(args.in_flight), max_keepalive_connections=max(args.in_flight), keepalive_expiry=2.0
-    )
     try:
         async with (
-            httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
+            httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(args)) as http,
             grpc.aio.insecure_channel(target) as channel,
         ):
-            sends = senders(http, channel)
+            sends = senders(http, channel, SCRIPTED_IMAGE)
             long_answer, empty = realistic_forced(args.boxes), ""
             for transport in args.transports:
                 await batch(sends[transport], long_answer, 8, min(args.in_flight), proc.pid)  # warm-up
                 for in_flight in args.in_flight:
-                    requests = max(args.min_requests, 2 * in_flight)
+                    requests = requests_at(args, in_flight)
                     short = await batch(sends[transport], empty, requests, in_flight, proc.pid)
                     long = await batch(sends[transport], long_answer, requests, in_flight, proc.pid)
-                    rows.append(row(transport, in_flight, short, long))
-                    print_row(rows[-1])
+                    rows.append(cost_row(transport, in_flight, short, long))
+                    print_cost_row(rows[-1])
     finally:
         proc.terminate()
         proc.wait(30)
     return rows
 
 
-def row(transport: str, in_flight: int, short: Batch, long: Batch) -> dict[str, Any]:
+def cost_row(transport: str, in_flight: int, short: Batch, long: Batch) -> dict[str, Any]:
     extra_tokens = long.tokens - short.tokens
     per_token_us = (long.cpu_s - short.cpu_s) / extra_tokens * 1e6 if extra_tokens > 0 else float("nan")
     return {
@@ -146,12 +170,13 @@ def row(transport: str, in_flight: int, short: Batch, long: Batch) -> dict[str, 
     }
 
 
-HEADER = (
-    "| transport | in flight | requests | CPU per request (ms) | CPU per token (µs) | tokens/s ceiling | wall (s) |"
+COST_HEADER = (
+    "| transport | in flight | requests | CPU per request (ms) | CPU per token (µs) | tokens/s ceiling | wall (s) |\n"
+    "|---|---|---|---|---|---|---|"
 )
 
 
-def print_row(r: dict[str, Any]) -> None:
+def print_cost_row(r: dict[str, Any]) -> None:
     print(
         f"| {r['transport']} | {r['in_flight']} | {r['requests']} | {r['per_request_ms']:.2f} | "
         f"{r['per_token_us']:.1f} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} |",
@@ -159,19 +184,139 @@ def print_row(r: dict[str, Any]) -> None:
     )
 
 
+# ---- vLLM engine: ours against `vllm serve` -------------------------------------------------
+def vllm_senders(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Send]:
+    """`vllm serve`'s plain and streamed chat completions of ``body`` (its forced output is in
+    the body already), each returning its completion tokens."""
+
+    async def unary(forced: str) -> int:
+        response = await http.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return int(response.json()["usage"]["completion_tokens"])
+
+    async def stream(forced: str) -> int:
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        tokens = 0
+        async with http.stream("POST", "/v1/chat/completions", json=streamed) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    tokens = int(usage["completion_tokens"]) if usage else tokens
+        return tokens
+
+    return {"unary": unary, "stream": stream}
+
+
+THROUGHPUT_HEADER = (
+    "| server | path | in flight | requests | tokens | tokens/s | front CPU per token (µs) | wall (s) |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+async def throughput(
+    args: argparse.Namespace, server: str, sends: dict[str, Send], forced: str, pid: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for path, send in sends.items():
+        await batch(send, forced, 2, min(args.in_flight), pid)  # warm-up
+        for in_flight in args.in_flight:
+            done = await batch(send, forced, requests_at(args, in_flight), in_flight, pid)
+            r = {
+                "server": server,
+                "path": path,
+                "in_flight": in_flight,
+                "requests": done.requests,
+                "tokens": done.tokens,
+                "wall_s": done.wall_s,
+                "tokens_per_s": done.tokens / done.wall_s,
+                "front_cpu_per_token_us": done.cpu_s / done.tokens * 1e6 if done.tokens else float("nan"),
+            }
+            rows.append(r)
+            print(
+                f"| {server} | {path} | {in_flight} | {done.requests} | {done.tokens} | {r['tokens_per_s']:,.0f} | "
+                f"{r['front_cpu_per_token_us']:.0f} | {done.wall_s:.1f} |",
+                flush=True,
+            )
+    return rows
+
+
+async def measure_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.vllm_serve import MAX_MODEL_LEN, chat_body, running_vllm_serve
+    from rexomni_server.prompts import build_task_text
+    from rexomni_server.tasks import Task
+    from rexomni_server.tiny import make_tiny_model
+
+    forced = realistic_forced(args.boxes)
+    print(THROUGHPUT_HEADER)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(make_tiny_model(tmp))
+        proc, url, target = start_server(
+            "--enforce-eager",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            engine="vllm",
+            model=model_dir,
+            timeout_s=300,
+            log=args.out / "server.log",
+        )
+        try:
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(args)) as http,
+                grpc.aio.insecure_channel(target) as channel,
+            ):
+                ours = {t: send for t, send in senders(http, channel, VLLM_IMAGE).items() if t in args.transports}
+                rows = await throughput(args, "ours", ours, forced, proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        body = chat_body(model_dir, tokenizer, VLLM_IMAGE, build_task_text(Task.DETECTION, [CATEGORY]), forced)
+        needed = {VLLM_COUNTERPART[t] for t in args.transports}
+        async with (
+            running_vllm_serve(model_dir, args.out / "vllm_serve.log") as served,
+            httpx.AsyncClient(base_url=served.url, timeout=600, limits=client_limits(args)) as http,
+        ):
+            theirs = {path: send for path, send in vllm_senders(http, body).items() if path in needed}
+            rows += await throughput(args, "vllm serve", theirs, forced, served.process.pid)
+    print_ratios(rows)
+    return rows
+
+
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    theirs = {(r["path"], r["in_flight"]): r for r in rows if r["server"] == "vllm serve"}
+    print("\n| ours | vllm serve | in flight | tokens/s ours / theirs | same tokens |\n|---|---|---|---|---|")
+    for r in rows:
+        counterpart = theirs.get((VLLM_COUNTERPART.get(r["path"], ""), r["in_flight"]))
+        if r["server"] == "ours" and counterpart is not None:
+            ratio = r["tokens_per_s"] / counterpart["tokens_per_s"]
+            same = "yes" if r["tokens"] == counterpart["tokens"] else f"no ({r['tokens']} vs {counterpart['tokens']})"
+            print(f"| {r['path']} | {counterpart['path']} | {r['in_flight']} | {ratio:.2f} | {same} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--engine", choices=["scripted", "vllm"], default="scripted")
+    parser.add_argument("--in-flight", type=int, nargs="+", help="default: 1 16 64 256 (vllm: 1 8 32)")
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
-    parser.add_argument("--boxes", type=int, default=200, help="boxes per long answer")
-    parser.add_argument("--min-requests", type=int, default=32, help="requests per batch at least")
+    parser.add_argument("--boxes", type=int, help="boxes per long answer (default: 200; vllm: 30)")
+    parser.add_argument("--min-requests", type=int, help="requests per batch at least (default: 32; vllm: 8)")
     parser.add_argument("--out", type=Path, default=Path("out/ceiling"))
     args = parser.parse_args()
-    print(f"scripted engine, {args.boxes}-box answers vs empty ones; server CPU from /proc\n")
-    print(HEADER)
-    print("|---|---|---|---|---|---|---|")
-    rows = asyncio.run(measure(args))
-    write_json(args.out / "ceiling.json", {"boxes": args.boxes, "rows": rows})
+    vllm = args.engine == "vllm"
+    args.in_flight = args.in_flight or ([1, 8, 32] if vllm else [1, 16, 64, 256])
+    args.boxes = args.boxes if args.boxes is not None else (30 if vllm else 200)
+    args.min_requests = args.min_requests or (8 if vllm else 32)
+    if vllm:
+        print(f"vLLM engine (tiny checkpoint), {args.boxes}-box answers: our server vs `vllm serve`\n")
+        rows = asyncio.run(measure_vllm(args))
+    else:
+        print(f"scripted engine, {args.boxes}-box answers vs empty ones; server CPU from /proc\n")
+        print(COST_HEADER)
+        rows = asyncio.run(measure_scripted(args))
+    write_json(args.out / f"ceiling-{args.engine}.json", {"engine": args.engine, "boxes": args.boxes, "rows": rows})
 
 
 if __name__ == "__main__":

