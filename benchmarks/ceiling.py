@@ -17,7 +17,8 @@ indicative.
 vLLM engine (vLLM's CPU build, the tiny checkpoint): our server on the vLLM engine, then
 `vllm serve` on the same checkpoint, each alone on the machine, answering the same requests
 (same image, task text and forced output, so the same tokens) at each number in flight:
-tokens/s end to end, the front process's CPU per token (ours: HTTP, gRPC, parsing and vLLM's
+tokens/s end to end (scores on: `vllm serve` is asked for the sampled tokens'
+log-probabilities, which scoring needs), the front process's CPU per token (ours: HTTP, gRPC, parsing and vLLM's
 output processing; theirs: HTTP and output processing; the engine core is another process in
 both), and the ratio of the two throughputs. Our unary HTTP and gRPC are compared with its
 plain chat completions, our SSE with its streamed ones.
@@ -69,12 +70,15 @@ def cpu_seconds(pid: int) -> float:
 Send = Callable[[str], Awaitable[int]]  # forced output -> completion tokens
 
 
-def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel, image: bytes) -> dict[str, Send]:
+def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel, image: bytes, scores: bool = True) -> dict[str, Send]:
     """Our server's three ways to answer a request, each returning its completion tokens."""
     stub = pb_grpc.DetectorStub(channel)  # type: ignore[no-untyped-call]
 
+    def options(forced: str) -> dict[str, Any]:
+        return {"forced_output": forced, "scores": scores}
+
     def body(forced: str) -> dict[str, Any]:
-        return {"image": b64(image), "categories": [CATEGORY], "options": {"forced_output": forced}}
+        return {"image": b64(image), "categories": [CATEGORY], "options": options(forced)}
 
     async def unary(forced: str) -> int:
         response = await http.post("/v1/detect", json=body(forced))
@@ -91,7 +95,7 @@ def senders(http: httpx.AsyncClient, channel: grpc.aio.Channel, image: bytes) ->
         return int(json.loads(last[5:])["usage"]["completion_tokens"])
 
     async def over_grpc(forced: str) -> int:
-        params = DetectParams(categories=[CATEGORY], options={"forced_output": forced})  # type: ignore[arg-type]
+        params = DetectParams(categories=[CATEGORY], options=options(forced))  # type: ignore[arg-type]
         tokens = 0
         async for event in stub.DetectStream(params_to_pb(params, image)):
             if event.WhichOneof("event") == "done":
@@ -127,12 +131,16 @@ def requests_at(args: argparse.Namespace, in_flight: int) -> int:
     return int(max(args.min_requests, 2 * in_flight))
 
 
+def room_for(args: argparse.Namespace) -> list[str]:
+    """Server flags that admit every request the benchmark has in flight (the defaults would
+    answer some with 429)."""
+    most = max(args.in_flight) * 2
+    return ["--max-queue", str(most), "--decode-queue", str(most), "--http-max-connections", str(2 * most)]
+
+
 # ---- scripted engine: the server's own cost ---------------------------------------------------
 async def measure_scripted(args: argparse.Namespace) -> list[dict[str, Any]]:
-    most = max(args.in_flight) * 2
-    proc, url, target = start_server(
-        "--max-queue", str(most), "--decode-queue", str(most), "--http-max-connections", str(2 * most)
-    )
+    proc, url, target = start_server(*room_for(args))
     rows: list[dict[str, Any]] = []
     try:
         async with (
@@ -254,6 +262,7 @@ async def measure_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(make_tiny_model(tmp))
         proc, url, target = start_server(
+            *room_for(args),
             "--enforce-eager",
             "--max-model-len",
             str(MAX_MODEL_LEN),
@@ -267,13 +276,16 @@ async def measure_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
                 httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(args)) as http,
                 grpc.aio.insecure_channel(target) as channel,
             ):
-                ours = {t: send for t, send in senders(http, channel, VLLM_IMAGE).items() if t in args.transports}
+                sends = senders(http, channel, VLLM_IMAGE, args.scores)
+                ours = {t: send for t, send in sends.items() if t in args.transports}
                 rows = await throughput(args, "ours", ours, forced, proc.pid)
         finally:
             proc.terminate()
             proc.wait(60)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         body = chat_body(model_dir, tokenizer, VLLM_IMAGE, build_task_text(Task.DETECTION, [CATEGORY]), forced)
+        if args.scores:  # what a client of `vllm serve` needs to score detections as we do
+            body["logprobs"] = True
         needed = {VLLM_COUNTERPART[t] for t in args.transports}
         async with (
             running_vllm_serve(model_dir, args.out / "vllm_serve.log") as served,
@@ -303,6 +315,12 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     parser.add_argument("--boxes", type=int, help="boxes per long answer (default: 200; vllm: 30)")
     parser.add_argument("--min-requests", type=int, help="requests per batch at least (default: 32; vllm: 8)")
+    parser.add_argument(
+        "--no-scores",
+        dest="scores",
+        action="store_false",
+        help="vllm: our requests without scores, theirs without log-probabilities (default: with)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/ceiling"))
     args = parser.parse_args()
     vllm = args.engine == "vllm"

@@ -3,14 +3,18 @@ the body guard, validation, the image decoder, the service, or a finished genera
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from rexomni_server.accounting import RequestRecord, recording
 from rexomni_server.app import create_app
 from rexomni_server.engines.scripted import ScriptedEngine
+from rexomni_server.errors import Overloaded
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
 from tests.support import image_bytes
@@ -113,8 +117,6 @@ async def test_a_client_that_leaves_mid_body_is_cancelled_not_an_error(
 ) -> None:
     _, runtime = served
     caplog.set_level("INFO")
-    from rexomni_server.app import create_app
-
     app = create_app(runtime=runtime)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"100000"), (b"x-api-key", b"secret")]
     scope = {"type": "http", "method": "POST", "path": "/v1/detect", "headers": headers, "query_string": b""}
@@ -132,3 +134,30 @@ async def test_a_client_that_leaves_mid_body_is_cancelled_not_an_error(
     lines = [getattr(r, "fields", {}) for r in caplog.records if r.name == "rexomni.requests"]
     assert [line["status"] for line in lines] == ["cancelled"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback: nothing failed
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [
+        (None, "ok"),
+        (asyncio.CancelledError(), "cancelled"),
+        (GeneratorExit(), "cancelled"),
+        (TimeoutError(), "timeout"),
+        (Overloaded("full"), "overloaded"),
+        (KeyError("bug"), "internal"),
+    ],
+)
+def test_recording_names_how_a_request_ended(raised: BaseException | None, status: str) -> None:
+    record = RequestRecord("r", "python")
+    with contextlib.suppress(BaseException), recording(record):
+        if raised is not None:
+            raise raised
+    assert record.status == status
+
+
+def test_recording_keeps_the_first_word() -> None:
+    record = RequestRecord("r", "python")
+    record.fail("unauthenticated")
+    with recording(record):
+        pass
+    assert record.status == "unauthenticated"

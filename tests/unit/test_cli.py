@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
 
 import pytest
 
-from rexomni_server.cli import main
+from rexomni_server.cli import main, run_event_loop
 
 
 def test_prompt_prints_the_exact_task_text(capsys: pytest.CaptureFixture[str]) -> None:
@@ -110,3 +111,10 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path, capsys: py
     assert config.model_type == "qwen2_5_vl"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
     assert tokenizer.convert_tokens_to_ids("<999>") != tokenizer.unk_token_id  # the coordinate tokens
+
+
+def test_serve_runs_on_uvloop() -> None:
+    async def on_uvloop() -> int:
+        return int(type(asyncio.get_running_loop()).__module__.startswith("uvloop"))
+
+    assert run_event_loop(on_uvloop()) == 1

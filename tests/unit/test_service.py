@@ -12,8 +12,16 @@ from rexomni_server.engines.base import EngineEvent, EngineRequest, SamplingConf
 from rexomni_server.engines.scripted import ScriptedEngine
 from rexomni_server.errors import EngineFailure, EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
 from rexomni_server.schemas import DetectParams
-from rexomni_server.service import AcceptedEvent, DetectionEvent, DetectionService, DoneEvent, ServiceEvent
+from rexomni_server.service import (
+    AcceptedEvent,
+    DetectionEvent,
+    DetectionService,
+    DoneEvent,
+    ServiceEvent,
+    overall_finish_reason,
+)
 from rexomni_server.settings import Settings
+from rexomni_server.vocabulary import FinishReason
 from tests.support import image_bytes
 
 OUTPUT = (
@@ -349,3 +357,19 @@ async def test_the_scripted_engine_lets_the_event_loop_run_during_a_long_replay(
     running.cancel()
     tokens = sum(event.tokens for event in events)
     assert tokens > 2000 and ticks >= tokens // YIELD_EVERY_TOKENS - 1
+
+
+@pytest.mark.parametrize(
+    ("reasons", "expected"),
+    [
+        ([None, "stop"], "stop"),
+        (["stop", "length"], "length"),
+        (["abort", "length", "repetition"], "repetition"),
+        (["stop", "abort"], "abort"),
+        ([], "stop"),
+    ],
+)
+def test_a_fanned_out_request_ends_with_its_most_telling_reason(
+    reasons: list[FinishReason | None], expected: FinishReason
+) -> None:
+    assert overall_finish_reason(reasons) == expected
