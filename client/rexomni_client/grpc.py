@@ -21,15 +21,19 @@ from rexomni_server.vocabulary import MAX_MESSAGE_BYTES
 
 
 def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, int | str]]:
-    """Message limits, and gRPC's own retry policy for "not now" answers (UNAVAILABLE: queue
-    full, loading, restarting; CANCELLED before any answer: a server that was stopping
-    dropped the call before handling it, and detection has no side effects). It waits as long
-    as the server's pushback says and never retries once a response message has arrived, so
-    streams are not replayed. RESOURCE_EXHAUSTED (a message over the server's limit) is final."""
+    """Message limits; calls balanced round-robin over every address the target resolves to
+    (``dns:///rexomni-grpc:50051`` for a headless Service, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``
+    for a list; gRPC's default would send everything to the first); and gRPC's own retry
+    policy for "not now" answers (UNAVAILABLE: queue full, loading, restarting; CANCELLED
+    before any answer: a server that was stopping dropped the call before handling it, and
+    detection has no side effects). It waits as long as the server's pushback says and never
+    retries once a response message has arrived, so streams are not replayed.
+    RESOURCE_EXHAUSTED (a message over the server's limit) is final."""
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     if retries > 0:
         policy = {
             "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
@@ -38,13 +42,13 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, in
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
-        config = {"methodConfig": [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]}
+        config["methodConfig"] = [{"name": [{"service": "rexomni.v1.Detector"}], "retryPolicy": policy}]
         options += [
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(config)),
             # gRPC replays only calls it kept whole (256 KiB by default): a photo is bigger.
             ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ]
+    options.append(("grpc.service_config", json.dumps(config)))
     return options
 
 

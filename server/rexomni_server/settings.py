@@ -147,6 +147,12 @@ class Settings(BaseSettings):
         gt=0,
         description="gRPC clients may ping at most this often; a client pinging faster is disconnected.",
     )
+    grpc_max_connection_age_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="gRPC connections are asked to reconnect after about this long (streams in flight finish "
+        "first), so clients balancing over several replicas pick up new ones.",
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,

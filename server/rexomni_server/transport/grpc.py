@@ -210,7 +210,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Message limits and connection hygiene. A request is read up to what an image at the
     limit needs (gRPC answers RESOURCE_EXHAUSTED past it, before we see the message); idle
     connections are pinged and dropped when they do not answer; a client that pings more
-    often than allowed is disconnected (a cheap way to keep a server busy)."""
+    often than allowed is disconnected (a cheap way to keep a server busy). Connections are
+    aged out (GOAWAY, calls in flight finish within their budget): a client balancing over
+    the addresses of a headless Service resolves again and finds new replicas."""
     ms = 1000
     return [
         ("grpc.max_receive_message_length", settings.max_image_bytes + REQUEST_OVERHEAD_BYTES),
@@ -220,6 +222,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.grpc_min_ping_interval_s * ms)),
         ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.request_timeout_s * ms)),
     ]
 
 
