@@ -14,9 +14,10 @@ is the ceiling one process could feed at that cost per token. The client runs in
 on the same machine: its CPU is not counted, but it shares the cores, so wall times are only
 indicative.
 
-vLLM engine (vLLM's CPU build, the tiny checkpoint): our server on the vLLM engine, then
-`vllm serve` on the same checkpoint, each alone on the machine, answering the same requests
-(same image, task text and forced output, so the same tokens) at each number in flight:
+vLLM engine (vLLM's CPU build, the tiny checkpoint): our server on the vLLM engine and
+`vllm serve` on the same checkpoint, running side by side and taking turns (``--rounds`` each,
+the median reported), answer the same requests (same image, task text and forced output, so
+the same tokens) at each number in flight:
 tokens/s end to end (scores on: `vllm serve` is asked for the sampled tokens'
 log-probabilities, which scoring needs), the front process's CPU per token (ours: HTTP, gRPC, parsing and vLLM's
 output processing; theirs: HTTP and output processing; the engine core is another process in
@@ -222,30 +223,55 @@ THROUGHPUT_HEADER = (
 )
 
 
-async def throughput(
-    args: argparse.Namespace, server: str, sends: dict[str, Send], forced: str, pid: int
+@dataclass(frozen=True)
+class Contender:
+    """One server's way of answering (ours over a transport, or `vllm serve`'s counterpart)."""
+
+    server: str
+    path: str
+    send: Send
+    pid: int  # the front process, whose CPU is counted
+
+
+def throughput_row(contender: Contender, in_flight: int, batches: list[Batch]) -> dict[str, Any]:
+    """The median batch of a contender at one number in flight (batches alternate with the
+    other server's, so drift on a shared machine hits both alike)."""
+    rates = sorted(batches, key=lambda b: b.tokens / b.wall_s)
+    done = rates[len(rates) // 2]
+    r = {
+        "server": contender.server,
+        "path": contender.path,
+        "in_flight": in_flight,
+        "requests": done.requests,
+        "tokens": done.tokens,
+        "wall_s": done.wall_s,
+        "tokens_per_s": done.tokens / done.wall_s,
+        "front_cpu_per_token_us": done.cpu_s / done.tokens * 1e6 if done.tokens else float("nan"),
+        "rounds": len(batches),
+    }
+    print(
+        f"| {r['server']} | {r['path']} | {in_flight} | {done.requests} | {done.tokens} | {r['tokens_per_s']:,.0f} | "
+        f"{r['front_cpu_per_token_us']:.0f} | {done.wall_s:.1f} |",
+        flush=True,
+    )
+    return r
+
+
+async def alternate(
+    args: argparse.Namespace, pairs: list[tuple[Contender, Contender]], forced: str
 ) -> list[dict[str, Any]]:
+    """Each of our transports and its `vllm serve` counterpart take turns, ``--rounds`` times at
+    each number in flight; the median round of each is reported."""
     rows = []
-    for path, send in sends.items():
-        await batch(send, forced, 2, min(args.in_flight), pid)  # warm-up
+    for ours, theirs in pairs:
+        for contender in (ours, theirs):
+            await batch(contender.send, forced, 2, min(args.in_flight), contender.pid)  # warm-up
         for in_flight in args.in_flight:
-            done = await batch(send, forced, requests_at(args, in_flight), in_flight, pid)
-            r = {
-                "server": server,
-                "path": path,
-                "in_flight": in_flight,
-                "requests": done.requests,
-                "tokens": done.tokens,
-                "wall_s": done.wall_s,
-                "tokens_per_s": done.tokens / done.wall_s,
-                "front_cpu_per_token_us": done.cpu_s / done.tokens * 1e6 if done.tokens else float("nan"),
-            }
-            rows.append(r)
-            print(
-                f"| {server} | {path} | {in_flight} | {done.requests} | {done.tokens} | {r['tokens_per_s']:,.0f} | "
-                f"{r['front_cpu_per_token_us']:.0f} | {done.wall_s:.1f} |",
-                flush=True,
-            )
+            runs: dict[str, list[Batch]] = {ours.server: [], theirs.server: []}
+            for _ in range(args.rounds):
+                for c in (ours, theirs):
+                    runs[c.server].append(await batch(c.send, forced, requests_at(args, in_flight), in_flight, c.pid))
+            rows += [throughput_row(c, in_flight, runs[c.server]) for c in (ours, theirs)]
     return rows
 
 
@@ -258,54 +284,49 @@ async def measure_vllm(args: argparse.Namespace) -> list[dict[str, Any]]:
     from rexomni_server.tiny import make_tiny_model
 
     forced = realistic_forced(args.boxes)
-    print(THROUGHPUT_HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(make_tiny_model(tmp))
-        proc, url, target = start_server(
-            *room_for(args),
-            "--enforce-eager",
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            engine="vllm",
-            model=model_dir,
-            timeout_s=300,
-            log=args.out / "server.log",
-        )
-        try:
-            async with (
-                httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(args)) as http,
-                grpc.aio.insecure_channel(target) as channel,
-            ):
-                sends = senders(http, channel, VLLM_IMAGE, args.scores)
-                ours = {t: send for t, send in sends.items() if t in args.transports}
-                rows = await throughput(args, "ours", ours, forced, proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(60)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         body = chat_body(model_dir, tokenizer, VLLM_IMAGE, build_task_text(Task.DETECTION, [CATEGORY]), forced)
         if args.scores:  # what a client of `vllm serve` needs to score detections as we do
             body["logprobs"] = True
-        needed = {VLLM_COUNTERPART[t] for t in args.transports}
-        async with (
-            running_vllm_serve(model_dir, args.out / "vllm_serve.log") as served,
-            httpx.AsyncClient(base_url=served.url, timeout=600, limits=client_limits(args)) as http,
-        ):
-            theirs = {path: send for path, send in vllm_senders(http, body).items() if path in needed}
-            rows += await throughput(args, "vllm serve", theirs, forced, served.process.pid)
+        # Both servers run at once (each with its own engine core; an idle one takes no CPU),
+        # so their batches can alternate.
+        flags = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), *room_for(args)]
+        proc, url, target = start_server(
+            *flags, engine="vllm", model=model_dir, timeout_s=300, log=args.out / "server.log"
+        )
+        try:
+            async with (
+                running_vllm_serve(model_dir, args.out / "vllm_serve.log") as served,
+                httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(args)) as http,
+                httpx.AsyncClient(base_url=served.url, timeout=600, limits=client_limits(args)) as their_http,
+                grpc.aio.insecure_channel(target) as channel,
+            ):
+                ours = senders(http, channel, VLLM_IMAGE, args.scores)
+                theirs = vllm_senders(their_http, body)
+                pairs = [
+                    (
+                        Contender("ours", t, ours[t], proc.pid),
+                        Contender("vllm serve", VLLM_COUNTERPART[t], theirs[VLLM_COUNTERPART[t]], served.process.pid),
+                    )
+                    for t in args.transports
+                ]
+                print(THROUGHPUT_HEADER)
+                rows = await alternate(args, pairs, forced)
+        finally:
+            proc.terminate()
+            proc.wait(60)
     print_ratios(rows)
     return rows
 
 
 def print_ratios(rows: list[dict[str, Any]]) -> None:
-    theirs = {(r["path"], r["in_flight"]): r for r in rows if r["server"] == "vllm serve"}
     print("\n| ours | vllm serve | in flight | tokens/s ours / theirs | same tokens |\n|---|---|---|---|---|")
-    for r in rows:
-        counterpart = theirs.get((VLLM_COUNTERPART.get(r["path"], ""), r["in_flight"]))
-        if r["server"] == "ours" and counterpart is not None:
-            ratio = r["tokens_per_s"] / counterpart["tokens_per_s"]
-            same = "yes" if r["tokens"] == counterpart["tokens"] else f"no ({r['tokens']} vs {counterpart['tokens']})"
-            print(f"| {r['path']} | {counterpart['path']} | {r['in_flight']} | {ratio:.2f} | {same} |")
+    for ours, theirs in zip(rows[::2], rows[1::2], strict=True):
+        ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        same = "yes" if ours["tokens"] == theirs["tokens"] else f"no ({ours['tokens']} vs {theirs['tokens']})"
+        print(f"| {ours['path']} | {theirs['path']} | {ours['in_flight']} | {ratio:.2f} | {same} |")
 
 
 def main() -> None:
@@ -321,6 +342,7 @@ def main() -> None:
         action="store_false",
         help="vllm: our requests without scores, theirs without log-probabilities (default: with)",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="vllm: turns each server takes per point (median)")
     parser.add_argument("--out", type=Path, default=Path("out/ceiling"))
     args = parser.parse_args()
     vllm = args.engine == "vllm"

@@ -13,7 +13,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ours_and_vllm_serve_answer_the_same_tokens(tmp_path: Path) -> None:
-    args = ["--engine", "vllm", "--in-flight", "2", "--min-requests", "2", "--boxes", "3", "--out", str(tmp_path)]
+    args = [
+        "--engine",
+        "vllm",
+        "--in-flight",
+        "2",
+        "--min-requests",
+        "2",
+        "--boxes",
+        "3",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ceiling", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
