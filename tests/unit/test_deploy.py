@@ -18,6 +18,7 @@ from rexomni_server.auth import ApiKeys
 from rexomni_server.metrics import Metrics
 from rexomni_server.settings import Settings, unknown_env_settings
 from rexomni_server.transport.http import build_router
+from tests.unit.test_k8s import EVERY_TARGET, drain_seconds, prestop_seconds, rendered
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rexomni.json"
@@ -65,12 +66,16 @@ def published_port(spec: str) -> tuple[str, int, int]:
 
 def test_every_environment_variable_the_deployments_set_is_a_setting() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    k8s = list(yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text()))
+    # Every container of every workload that every Kubernetes overlay and component renders.
     containers = [
-        c for doc in k8s if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]
+        c
+        for target in EVERY_TARGET
+        for doc in rendered(target)
+        if "template" in doc.get("spec", {})
+        for c in k8s_all_containers(doc["spec"]["template"]["spec"])
     ]
     names = set(compose["services"]["rexomni"]["environment"])
-    names |= {env["name"] for c in containers for env in c["env"]}
+    names |= {env["name"] for c in containers for env in c.get("env", [])}
     names |= set(re.findall(r"\b(REXOMNI_[A-Z_]+)=", (ROOT / "Dockerfile").read_text()))
     assert {"REXOMNI_MODEL", "REXOMNI_ENGINE", "REXOMNI_GRPC_PORT"} <= names
     assert unknown_env_settings(dict.fromkeys(names, "")) == []
@@ -91,9 +96,11 @@ def test_compose_and_dockerfile_expose_the_server_ports_and_probe_a_real_path() 
     assert f"os.environ.get('REXOMNI_PORT','{SERVER.port}')" in dockerfile
 
 
-def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
-    docs = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
-    pod = docs["Deployment"]["spec"]["template"]
+@pytest.mark.parametrize("target", EVERY_TARGET)
+def test_kubernetes_probes_ports_and_services_match_the_server(target: str) -> None:
+    docs = rendered(target)
+    deployment = k8s_deployment(target)
+    pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": SERVER.port, "grpc": SERVER.grpc_port}
@@ -106,19 +113,27 @@ def test_kubernetes_probes_ports_and_service_match_the_server() -> None:
     assert pod["metadata"]["annotations"]["prometheus.io/path"] in HTTP_PATHS
     # A Service named rexomni would otherwise inject REXOMNI_PORT=tcp://... into the pod.
     assert pod["spec"]["enableServiceLinks"] is False
-    assert {p["targetPort"] for p in docs["Service"]["spec"]["ports"]} == set(ports)
-    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    services = [doc["spec"] for doc in docs if doc["kind"] == "Service"]
+    assert {p["targetPort"] for service in services for p in service["ports"]} == set(ports)
+    for service in services:
+        assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # A claim the pods mount is one the deployment creates (test_k8s: never one every replica shares).
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {docs["PersistentVolumeClaim"]["metadata"]["name"]}
+    assert claims == {doc["metadata"]["name"] for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
 
 
 def test_orchestrators_wait_longer_than_the_server_drains() -> None:
-    """docker stop and Kubernetes kill after their grace period: it must outlast the drain."""
+    """docker stop and Kubernetes kill after their grace period: it must outlast the drain (in
+    Kubernetes, counted from the start of the preStop hook, which delays SIGTERM)."""
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["rexomni"]
     assert compose["stop_grace_period"].endswith("s")
     assert float(compose["stop_grace_period"][:-1]) > SERVER.drain_timeout_s
-    k8s = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
-    assert k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > SERVER.drain_timeout_s
+    for target in EVERY_TARGET:
+        container = k8s_server_container(target)
+        drain = drain_seconds(container)
+        assert drain >= SERVER.drain_timeout_s, target  # never a shorter drain than the server's default
+        grace = k8s_pod_spec(target)["terminationGracePeriodSeconds"]
+        assert grace > prestop_seconds(container) + drain, target
 
 
 def test_orchestrators_restart_a_server_that_exits() -> None:
@@ -126,13 +141,13 @@ def test_orchestrators_restart_a_server_that_exits() -> None:
     answer 503 meanwhile): the orchestrators must start a new one, not leave it down."""
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["rexomni"]
     assert compose["restart"] in ("always", "unless-stopped", "on-failure")
-    k8s = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
-    pod = k8s["Deployment"]["spec"]["template"]["spec"]
-    assert pod.get("restartPolicy", "Always") == "Always"
-    (container,) = pod["containers"]
-    liveness = container["livenessProbe"]  # probes what turns unhealthy when the engine dies
-    assert "grpc" in liveness or liveness["httpGet"]["path"] == "/health"
-    assert SERVER.engine_failure_exit_s < liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
+    for target in EVERY_TARGET:
+        pod = k8s_pod_spec(target)
+        assert pod.get("restartPolicy", "Always") == "Always", target
+        (container,) = pod["containers"]
+        liveness = container["livenessProbe"]  # probes what turns unhealthy when the engine dies
+        assert "grpc" in liveness or liveness["httpGet"]["path"] == "/health"
+        assert SERVER.engine_failure_exit_s < liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
 
 
 # -- secure defaults: loopback ports, keys required, least privilege, a read-only root filesystem --
@@ -160,12 +175,14 @@ def compose_service() -> dict[str, Any]:
     return service
 
 
-def k8s_docs() -> dict[str, Any]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rexomni.yaml").read_text())}
+def k8s_deployment(target: str = "base") -> dict[str, Any]:
+    """The server's Deployment as ``kubectl kustomize deploy/k8s/<target>`` renders it."""
+    (deployment,) = [doc for doc in rendered(target) if doc["kind"] == "Deployment"]
+    return deployment
 
 
-def k8s_pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = k8s_docs()["Deployment"]["spec"]["template"]["spec"]
+def k8s_pod_spec(target: str = "base") -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_deployment(target)["spec"]["template"]["spec"]
     return spec
 
 
@@ -173,9 +190,9 @@ def k8s_all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for kind in ("initContainers", "containers", "ephemeralContainers") for c in pod.get(kind, [])]
 
 
-def k8s_server_container() -> dict[str, Any]:
+def k8s_server_container(target: str = "base") -> dict[str, Any]:
     container: dict[str, Any]
-    (container,) = k8s_pod_spec()["containers"]
+    (container,) = k8s_pod_spec(target)["containers"]
     return container
 
 
@@ -235,7 +252,8 @@ def test_compose_runs_the_server_with_least_privilege_on_a_read_only_root() -> N
 
 
 def test_dockerfile_sets_the_writable_places_the_manifest_does() -> None:
-    """`docker run --read-only --tmpfs /tmp -v ...:/models` and Kubernetes see the same layout."""
+    """`docker run --read-only --tmpfs /tmp -v ...:/models` and Kubernetes (an emptyDir on /models)
+    see the same layout."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     volumes = set(re.findall(r"^VOLUME\s+(\S+)", dockerfile, re.MULTILINE))
     user = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)[-1]
@@ -247,25 +265,27 @@ def test_dockerfile_sets_the_writable_places_the_manifest_does() -> None:
     assert "--read-only" in dockerfile and "--tmpfs /tmp" in dockerfile  # the documented way to run it
 
 
-def test_kubernetes_fails_closed_without_the_api_key_secret() -> None:
-    container = k8s_server_container()
+@pytest.mark.parametrize("target", EVERY_TARGET)
+def test_kubernetes_fails_closed_without_the_api_key_secret(target: str) -> None:
+    container = k8s_server_container(target)
     env = {entry["name"]: entry for entry in container["env"]}
     assert env["REXOMNI_REQUIRE_API_KEYS"]["value"] == "true"
     # The keys come from a secret, never the manifest, and a missing secret stops the pod.
     key_sources = [env[name] for name in ("REXOMNI_API_KEYS", "REXOMNI_API_KEYS_FILE") if name in env]
     assert key_sources and all("value" not in source for source in key_sources)
     secret_refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-    secret_volumes = [v["secret"] for v in k8s_pod_spec().get("volumes", []) if "secret" in v]
+    secret_volumes = [v["secret"] for v in k8s_pod_spec(target).get("volumes", []) if "secret" in v]
     assert secret_refs or secret_volumes
     for ref in secret_refs + secret_volumes:
         assert ref.get("optional", False) is False, f"{ref}: a missing secret would serve an open endpoint"
 
 
-def test_the_manifest_settings_refuse_to_start_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("target", EVERY_TARGET)
+def test_the_manifest_settings_refuse_to_start_without_a_key(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest's REXOMNI_* values, with an empty key secret: the server stops at start-up."""
     for name in [n for n in os.environ if n.startswith("REXOMNI_")]:
         monkeypatch.delenv(name)
-    for name, value in k8s_literal_env(k8s_server_container()).items():
+    for name, value in k8s_literal_env(k8s_server_container(target)).items():
         if name.startswith("REXOMNI_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("REXOMNI_API_KEYS", "")  # the secret's key holds nothing
@@ -288,8 +308,11 @@ def test_require_api_keys_refuses_to_run_open(monkeypatch: pytest.MonkeyPatch) -
     assert not ApiKeys.from_settings(Settings()).enabled  # open only when asked for: the default
 
 
-def test_kubernetes_pod_and_every_container_run_with_least_privilege() -> None:
-    pod = k8s_pod_spec()
+@pytest.mark.parametrize("target", EVERY_TARGET)
+def test_kubernetes_pod_and_every_container_run_with_least_privilege(target: str) -> None:
+    """The server's pods, init container included. (The opt-in node-cache-prep DaemonSet is the one
+    exception, a chown with one capability: test_k8s.)"""
+    pod = k8s_pod_spec(target)
     assert pod["automountServiceAccountToken"] is False
     assert not any(pod.get(host) for host in ("hostNetwork", "hostPID", "hostIPC"))
     pod_context = pod["securityContext"]
@@ -309,21 +332,28 @@ def test_kubernetes_pod_and_every_container_run_with_least_privilege() -> None:
         assert context.get("privileged", False) is False, container["name"]
 
 
-def test_kubernetes_read_only_root_leaves_every_cache_a_writable_mount() -> None:
-    pod = k8s_pod_spec()
+@pytest.mark.parametrize("target", EVERY_TARGET)
+def test_kubernetes_read_only_root_leaves_every_cache_a_writable_mount(target: str) -> None:
+    pod = k8s_pod_spec(target)
     volumes = {v["name"]: v for v in pod["volumes"]}
     shm = [v for v in volumes.values() if v.get("emptyDir", {}).get("medium") == "Memory"]
     for container in k8s_all_containers(pod):
         mounts = {
             m["mountPath"]
             for m in container.get("volumeMounts", [])
-            if not m.get("readOnly") and {"emptyDir", "persistentVolumeClaim"} & set(volumes[m["name"]])
+            if not m.get("readOnly") and {"emptyDir", "persistentVolumeClaim", "hostPath"} & set(volumes[m["name"]])
         }
-        assert {"/tmp", "/dev/shm"} <= mounts, container["name"]  # tempfile, vLLM's IPC; shared memory
+        read_only = {m["mountPath"] for m in container.get("volumeMounts", []) if m.get("readOnly")}
+        assert "/tmp" in mounts, container["name"]  # HOME, tempfile, vLLM's IPC
         env = k8s_literal_env(container)
         if container in pod["containers"]:
+            assert "/dev/shm" in mounts, container["name"]  # vLLM's shared memory
             assert set(env) >= CACHE_VARIABLES, container["name"]
         for name, value in env.items():
+            if name == "HF_HUB_CACHE" and env.get("HF_HUB_OFFLINE") == "1" and under(value, read_only):
+                continue  # the server reads the weights (read-only, offline) that the init container wrote
             if name in CACHE_VARIABLES or value.startswith("/"):
                 assert under(value, mounts), f"{container['name']}: {name}={value} is not on a writable mount"
     assert shm and all(v["emptyDir"].get("sizeLimit") for v in shm)  # vLLM's /dev/shm, in memory
+    writable = [v for v in volumes.values() if "emptyDir" in v]
+    assert all(v["emptyDir"].get("sizeLimit") for v in writable)  # a runaway cache cannot fill the node's disk

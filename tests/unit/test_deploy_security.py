@@ -1,6 +1,8 @@
-"""The Kubernetes manifest's secure defaults hold for the real server process: with the manifest's
-environment it refuses to start on an empty key secret, and it serves from a read-only root
-filesystem with only the manifest's writable mounts (/tmp and the /models volume) writable.
+"""The Kubernetes manifest's secure defaults hold for the real server process: with the environment
+of the server container that ``kubectl kustomize deploy/k8s/base`` renders, it refuses to start on
+an empty key secret, and it serves from a read-only root filesystem with only the manifest's
+writable mounts (/tmp and the /models emptyDir) writable; the weights' mount (HF_HUB_CACHE) is
+read-only there too.
 
 The read-only root is made with a private mount namespace (util-linux ``unshare`` and
 ``setpriv``): / is remounted read-only, a fresh directory is bound over /tmp, and the server runs
@@ -17,13 +19,13 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
-import yaml
 
 from rexomni_client import RexOmniClient, RexOmniHTTPError
 from tests.support import free_port, image_bytes, wait_ready
+from tests.unit.test_k8s import pod_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFEST = ROOT / "deploy" / "k8s" / "rexomni.yaml"
+MANIFEST = "base"  # deploy/k8s/base, rendered
 TMP = PurePosixPath("/tmp")
 # Inside the namespace the manifest's other writable volumes (/models) are directories under /tmp/volumes.
 VOLUMES = TMP / "volumes"
@@ -34,10 +36,9 @@ SERVE = [sys.executable, "-m", "rexomni_server.cli", "serve", "--host", "127.0.0
 def manifest_env() -> dict[str, str]:
     """The server container's literal environment, a path on one of its writable volumes other than
     /tmp moved to where this test keeps that volume; every other path is left read-only."""
-    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text())}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    pod = pod_spec(MANIFEST)
     (container,) = pod["containers"]
-    writable = {v["name"] for v in pod["volumes"] if {"emptyDir", "persistentVolumeClaim"} & set(v)}
+    writable = {v["name"] for v in pod["volumes"] if {"emptyDir", "persistentVolumeClaim", "hostPath"} & set(v)}
     volumes = [
         PurePosixPath(m["mountPath"])
         for m in container["volumeMounts"]
