@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rexomni_server import __version__
@@ -166,11 +167,18 @@ class BodyGuardMiddleware:
         return ImageTooLarge(f"request body is larger than {self.max_bytes} bytes")
 
 
-# Open without a key: probes, scrapers and the API's own description. Everything else, present
-# and future, needs one (deny by default).
+# Open without a key: probes, scrapers and the API's own description (its pages and their
+# assets, served from the package: no CDN). Everything else, present and future, needs one
+# (deny by default).
+DOCS_ASSETS = "/docs-assets"
 OPEN_PATHS = frozenset(
     {"/health", "/ready", "/metrics", "/v1/tasks", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
+OPEN_PREFIXES = (f"{DOCS_ASSETS}/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def route_path(scope: Scope) -> str:
@@ -190,7 +198,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if scope["type"] == "http" else ""
-        if scope["type"] != "http" or not self.keys.enabled or path in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys.enabled or is_open(path):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
@@ -223,7 +231,7 @@ def document_api(app: FastAPI, keys: ApiKeys) -> None:
                     "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
                 }
                 for path, operations in schema["paths"].items():
-                    if path not in OPEN_PATHS:
+                    if not is_open(path):
                         for operation in operations.values():
                             operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
             app.openapi_schema = schema
@@ -255,7 +263,10 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(
+    # FastAPI with /docs and /redoc whose scripts, styles and icon come from the package (an
+    # air-gapped cluster has no CDN), and no Google fonts.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Rex-Omni server",
         version=__version__,
         description="Detect anything named in text: boxes, points, polygons, keypoints, OCR, GUI.",
