@@ -107,5 +107,30 @@ def serve_process(
         health = wait_ready(url, proc, timeout_s)
         yield url, proc, {**health, "grpc_target": f"127.0.0.1:{grpc_port}"}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout_s``: never left running."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
+def required_program(name: str, hint: str) -> str:
+    """The path of a program a test runs for real (the system directories searched too). Missing:
+    the test fails where CI is set (CI must have it) and is skipped elsewhere."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if path:
+        return path
+    why = f"{name} is not installed ({hint}; CI runs this test)"
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)

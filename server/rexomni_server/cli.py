@@ -94,10 +94,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return status
 
 
+# What writing (or running) a checkpoint needs beyond the server's own dependencies.
+MODEL_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors"})
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from rexomni_server.tiny import make_tiny_model
 
-    path = make_tiny_model(args.directory)
+    try:
+        path = make_tiny_model(args.directory)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in MODEL_PACKAGES:
+            raise
+        print(
+            f"error: make-tiny-model needs {exc.name}: pip install 'rexomni[transformers]' "
+            "(torch first for your hardware; see the README)",
+            file=sys.stderr,
+        )
+        return 1
     print(f"wrote a tiny RANDOM-WEIGHT Qwen2.5-VL checkpoint to {path}")
     return 0
 

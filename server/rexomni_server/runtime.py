@@ -17,6 +17,7 @@ from rexomni_server.engines.base import Engine
 from rexomni_server.errors import InvalidRequest
 from rexomni_server.service import DetectionService
 from rexomni_server.settings import TINY_MODEL, Settings
+from rexomni_server.tiny import is_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ TINY_DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def ensure_tiny_model(directory: Path) -> Path:
-    from rexomni_server.tiny import is_tiny_model, make_tiny_model
+    from rexomni_server.tiny import make_tiny_model
 
     if not is_tiny_model(directory):
         log.warning("generating the tiny random-weight checkpoint in %s", directory)
@@ -125,7 +126,9 @@ class Runtime:
             model_path = settings.model
             if model_path == TINY_MODEL:
                 model_path = str(ensure_tiny_model(settings.tiny_model_dir))
-                self.random_weights = True
+            # The tiny checkpoint however it is named (`tiny`, or its directory): its answers
+            # must say they come from random weights.
+            self.random_weights = is_tiny_model(model_path)
             engine = build_engine(settings, model_path)
         if model_label is None:
             model_label = TINY_LABEL if self.random_weights else settings.model

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -28,7 +27,7 @@ from rexomni_client.grpc import RexOmniGrpcClient
 from rexomni_client.http import RETRY_STATUSES
 from rexomni_server.schemas import DetectResult
 from rexomni_server.settings import Settings
-from tests.support import free_port, image_bytes, serve_process
+from tests.support import free_port, image_bytes, required_program, serve_process, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +51,7 @@ UPSTREAM = re.compile(r"upstream\s+\w+\s*\{.*?\}", re.DOTALL)
 
 
 def nginx_binary() -> str:
-    path = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if path:
-        return path
-    why = "nginx is not installed (`make system-deps` installs it; CI runs this test)"
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
+    return required_program("nginx", "`make system-deps` installs it")
 
 
 def render_upstreams(text: str, replicas: dict[int, list[str]]) -> str:
@@ -134,12 +127,7 @@ def run_proxy(http_upstreams: list[str], grpc_upstreams: list[str]) -> Iterator[
                 time.sleep(0.05)
             yield f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc, timeout_s=10)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
 

@@ -7,14 +7,12 @@ server errors; settings the server has."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from rexomni_server.accounting import CANCELLED, INTERNAL, OK
@@ -22,6 +20,7 @@ from rexomni_server.errors import RexOmniError
 from rexomni_server.metrics import Metrics
 from rexomni_server.settings import Settings, unknown_env_settings
 from rexomni_server.transport.http import FRAMEWORK_ERROR_CODES, http_status
+from tests.support import required_program
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CONFIG = DEPLOY / "prometheus.yml"
@@ -45,13 +44,7 @@ IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path:
-        return path
-    why = "promtool is not installed (`make system-deps` installs it, with Prometheus; CI runs this test)"
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
+    return required_program("promtool", "`make system-deps` installs it, with Prometheus")
 
 
 def run_promtool(*args: str | Path) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from rexomni_server.cli import main, run_event_loop
+from rexomni_server.runtime import Runtime
+from rexomni_server.settings import Settings
 
 
 def test_prompt_prints_the_exact_task_text(capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,3 +121,21 @@ def test_serve_runs_on_uvloop() -> None:
         return int(type(asyncio.get_running_loop()).__module__.startswith("uvloop"))
 
     assert run_event_loop(on_uvloop()) == 1
+
+
+def test_make_tiny_model_without_the_model_packages_prints_a_hint_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("tokenizers", "transformers"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` of it raises ModuleNotFoundError
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'rexomni[transformers]'" in err and "Traceback" not in err
+
+
+def test_the_tiny_checkpoint_by_its_path_is_labelled_random_weights(tmp_path: Path) -> None:
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
+    by_path = Runtime(Settings(model=str(tmp_path / "tiny"), engine="transformers"))
+    assert by_path.random_weights and "RANDOM WEIGHTS" in by_path.service.model_label
+    real_name = Runtime(Settings(model="IDEA-Research/Rex-Omni", engine="transformers"))
+    assert not real_name.random_weights and real_name.service.model_label == "IDEA-Research/Rex-Omni"

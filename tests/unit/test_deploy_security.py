@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from rexomni_client import RexOmniClient, RexOmniHTTPError
-from tests.support import free_port, image_bytes, wait_ready
+from tests.support import free_port, image_bytes, stop_process, wait_ready
 from tests.unit.test_k8s import pod_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,12 +117,7 @@ def server_on_read_only_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         wait_ready(url, proc, log=log)
         yield url, tmp
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.mark.slow
