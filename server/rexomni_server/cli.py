@@ -210,14 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The server's own dependencies (the `server` extra): a client-only install has none of them.
+SERVER_PACKAGES = frozenset({"fastapi", "uvicorn", "starlette", "pydantic_settings", "prometheus_client"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from rexomni_server.errors import RexOmniError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         result: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_PACKAGES:
+            raise
+        print(f"error: rexomni-server needs the server's packages ({exc.name}): pip install 'rexomni[server]'",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except (RexOmniError, ValidationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
