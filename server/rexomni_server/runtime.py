@@ -133,8 +133,8 @@ class Runtime:
         if model_label is None:
             model_label = TINY_LABEL if self.random_weights else settings.model
         self.service = DetectionService(settings, engine, model_label)
-        if self.random_weights:
-            self._label_random_weights()
+        if settings.model == TINY_MODEL:
+            self._serve_the_demo_model()
         self._boot: asyncio.Task[None] | None = None
 
     @property
@@ -187,7 +187,7 @@ class Runtime:
         try:
             path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
             self.random_weights = True
-            self._label_random_weights()
+            self._serve_the_demo_model()
             self.service.engine = build_engine(self.settings.model_copy(update={"engine": "transformers"}), str(path))
             await self.engine.start()
         except Exception as exc:
@@ -206,7 +206,11 @@ class Runtime:
         log.error(error, extra={"fields": {"engine": self.engine.name, "model": self.service.model_label}})
         self.fatal.set()
 
-    def _label_random_weights(self) -> None:
+    def _serve_the_demo_model(self) -> None:
+        """The tiny model as the demo (`--model tiny`, or the fallback): labelled, and with a short
+        default budget. Named by its directory (tests, benchmarks) it is labelled too, but keeps
+        the normal budget: forced answers there are long."""
+        self.random_weights = True
         self.service.model_label = TINY_LABEL
         budget = min(self.settings.max_new_tokens, TINY_DEFAULT_MAX_NEW_TOKENS)
         self.service.settings = self.settings.model_copy(update={"max_new_tokens": budget})

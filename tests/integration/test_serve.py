@@ -34,7 +34,9 @@ def test_client_against_real_server(
     server: tuple[str, subprocess.Popen[bytes], dict[str, object]], tmp_path: Path
 ) -> None:
     url, _, health = server
-    assert health["engine"] == "transformers" and health["random_weights"] is False
+    # The tiny checkpoint named by its directory says what it is, like `--model tiny`.
+    assert health["engine"] == "transformers" and health["random_weights"] is True
+    assert "RANDOM WEIGHTS" in str(health["model"])
     photo = tmp_path / "cat.png"
     photo.write_bytes(image_bytes(400, 300))
     with RexOmniClient(url) as client:
