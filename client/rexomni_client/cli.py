@@ -2,6 +2,8 @@
 
 rexomni detect photo.jpg --categories person,car --annotate out.jpg
 rexomni detect *.jpg --categories person --concurrency 16 > results.jsonl   # many images, batched
+rexomni detect *.jpg --categories person,car --format coco --output coco.json
+rexomni detect *.jpg --categories person --format labelstudio --output tasks.json
 rexomni detect photo.jpg --categories person --stream          # one JSON line per detection
 rexomni --grpc 127.0.0.1:50051 detect photo.jpg --categories person --stream
 rexomni evaluate instances_val2017.json --images val2017 --concurrency 32
@@ -15,7 +17,8 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import grpc
 import httpx
@@ -24,9 +27,15 @@ from pydantic import ValidationError
 from rexomni_client.bulk import UNREACHABLE_ERRORS, detect_many
 from rexomni_client.draw import annotate, annotation_problem
 from rexomni_client.evaluation.cli import add_evaluate_parser, run_evaluate
+from rexomni_client.export import to_coco, to_labelstudio
 from rexomni_client.grpc import AsyncRexOmniGrpcClient, RexOmniGrpcClient
 from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError, build_params
-from rexomni_server.schemas import DetectionModel, DetectResult, validation_summary
+from rexomni_client.progress import Progress, add_progress_argument
+from rexomni_server.schemas import DetectionModel, DetectParams, DetectResult, validation_summary
+
+# json: today's output (one JSON result for one image, one JSON line per image for several);
+# the others write one document once every image is answered.
+FORMATS = ("json", "coco", "labelstudio")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--raw", action="store_true", help="include the raw model output")
     detect.add_argument("--stream", action="store_true", help="print each detection as it is decoded")
     detect.add_argument("--annotate", metavar="OUT", help="write the image with detections drawn")
+    detect.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="json",
+        help="json: the results as they are (default); coco: one COCO document; labelstudio: a Label Studio "
+        "import file (tasks with predictions)",
+    )
+    detect.add_argument("--output", "-o", metavar="FILE", help="write the output there instead of to stdout")
+    add_progress_argument(detect)
+    studio = detect.add_argument_group("--format labelstudio")
+    studio.add_argument("--from-name", default="label", help="the labelling config's control name (default label)")
+    studio.add_argument("--to-name", default="image", help="the labelling config's image name (default image)")
+    studio.add_argument(
+        "--keypoint-from-name",
+        default="keypoint",
+        help="task keypoint: the KeyPointLabels control of the named keypoints (default keypoint)",
+    )
     add_evaluate_parser(sub)
     return parser
 
@@ -90,22 +116,35 @@ def _events(args: argparse.Namespace, kwargs: dict[str, Any]) -> Iterator[Detect
             yield client.detect(image, args.task, args.categories, **kwargs)
 
 
-async def _detect_many(args: argparse.Namespace, kwargs: dict[str, Any]) -> int:
-    """One JSON line per image, as each finishes; exit status 1 when any image failed."""
+async def _detect_many(
+    args: argparse.Namespace, kwargs: dict[str, Any], out: TextIO | None
+) -> tuple[int, list[tuple[str, DetectResult]]]:
+    """(images failed, the answered (image, result) pairs in the order given). With ``out``
+    (the json format) one JSON line per image is written there as each finishes, errors
+    included; else the errors go to stderr, the results are returned for the document."""
     target, settings = _client_settings(args)
     client = AsyncRexOmniGrpcClient(target, **settings) if args.grpc else AsyncRexOmniClient(target, **settings)
+    results: dict[int, DetectResult] = {}
     failed = 0
-    async with client:
-        answers = detect_many(client, args.images, args.task, args.categories, concurrency=args.concurrency, **kwargs)
-        async for index, answer in answers:
-            line: dict[str, Any] = {"image": args.images[index]}
-            if isinstance(answer, DetectResult):
-                line["result"] = answer.model_dump(mode="json")
-            else:
-                failed += 1
-                line["error"] = _error_text(answer)
-            print(json.dumps(line), flush=True)
-    return 1 if failed else 0
+    with Progress(len(args.images), mode=args.progress, desc="detect") as progress:
+        async with client:
+            answers = detect_many(
+                client, args.images, args.task, args.categories, concurrency=args.concurrency, **kwargs
+            )
+            async for index, answer in answers:
+                image = args.images[index]
+                if isinstance(answer, DetectResult):
+                    results[index] = answer
+                    if out is not None:
+                        progress.write(json.dumps({"image": image, "result": answer.model_dump(mode="json")}), out)
+                else:
+                    failed += 1
+                    if out is not None:
+                        progress.write(json.dumps({"image": image, "error": _error_text(answer)}), out)
+                    else:
+                        progress.write(f"error: {image}: {_error_text(answer)}", sys.stderr)
+                progress.update(failed=not isinstance(answer, DetectResult))
+    return failed, [(args.images[i], results[i]) for i in sorted(results)]
 
 
 def _error_text(exc: BaseException) -> str:
@@ -116,7 +155,7 @@ def _error_text(exc: BaseException) -> str:
     return str(exc)
 
 
-def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _request_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], DetectParams]:
     kwargs: dict[str, Any] = json.loads(args.options)
     if not isinstance(kwargs, dict):
         raise ValueError("--options must be a JSON object")
@@ -128,8 +167,46 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.visual_prompt_boxes:
         kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
-    build_params(args.task, args.categories, **kwargs)  # the server's own validation, before the network
-    return kwargs
+    params = build_params(args.task, args.categories, **kwargs)  # the server's own validation, before the network
+    return kwargs, params
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the output options, found before any request; None when nothing is."""
+    if len(args.images) > 1 and (args.stream or args.annotate):
+        return "--stream and --annotate take one image"
+    if args.format != "json" and args.stream:
+        return f"--stream prints detections as they come; --format {args.format} writes one document at the end"
+    if args.output and not Path(args.output).parent.is_dir():
+        return f"--output {args.output}: no such folder: {Path(args.output).parent}"
+    if args.annotate:
+        problem = annotation_problem(args.annotate)
+        if problem:
+            return f"--annotate {args.annotate}: {problem}"
+    return None
+
+
+def _document(args: argparse.Namespace, params: DetectParams, results: list[tuple[str, DetectResult]]) -> Any:
+    if args.format == "coco":
+        return to_coco(results, keypoint_type=params.keypoint_type)
+    return to_labelstudio(
+        results, from_name=args.from_name, to_name=args.to_name, keypoint_from_name=args.keypoint_from_name
+    )
+
+
+def _write_document(args: argparse.Namespace, document: Any) -> bool:
+    """Writes the document to --output or stdout; False (said on stderr) when it could not be."""
+    text = json.dumps(document) + "\n"
+    if not args.output:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,40 +228,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     try:
-        kwargs = _request_kwargs(args)
+        kwargs, params = _request_kwargs(args)
     except ValidationError as exc:
         print(f"error: bad request: {validation_summary(exc.errors())}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as exc:
         print(f"error: bad request: {exc}", file=sys.stderr)
         return 2
+    problem = _output_problem(args)
+    if problem:  # found before the request, not after it
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.format == "json" and args.output:
+        try:
+            out = open(args.output, "w", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+        except OSError as exc:
+            print(f"error: --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        with out:
+            return _detect_to(args, kwargs, params, out)
+    return _detect_to(args, kwargs, params, sys.stdout if args.format == "json" else None)
+
+
+def _detect_to(args: argparse.Namespace, kwargs: dict[str, Any], params: DetectParams, out: TextIO | None) -> int:
+    """``out``: where the json format goes; None for the document formats."""
     if len(args.images) > 1:
-        if args.stream or args.annotate:
-            print("error: --stream and --annotate take one image", file=sys.stderr)
-            return 2
-        return asyncio.run(_detect_many(args, kwargs))
-    if args.annotate:
-        problem = annotation_problem(args.annotate)
-        if problem:  # found before the request, not after it
-            print(f"error: --annotate {args.annotate}: {problem}", file=sys.stderr)
-            return 2
+        failed, results = asyncio.run(_detect_many(args, kwargs, out))
+        if out is None and not _write_document(args, _document(args, params, results)):
+            return 1
+        return 1 if failed else 0
     result: DetectResult | None = None
     try:
         for item in _events(args, kwargs):
             if isinstance(item, DetectResult):
                 result = item
-            else:
-                print(json.dumps({"detection": item.model_dump()}), flush=True)
+            elif out is not None:
+                print(json.dumps({"detection": item.model_dump()}), file=out, flush=True)
     except (RexOmniHTTPError, grpc.RpcError, OSError) as exc:
         print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     if result is None:  # the clients raise instead; kept so a silent failure is still said
         print("error: no result came back", file=sys.stderr)
         return 1
-    print(result.model_dump_json(indent=None if args.stream else 2))
+    if out is not None:
+        print(result.model_dump_json(indent=None if args.stream else 2), file=out, flush=True)
+    elif not _write_document(args, _document(args, params, [(args.images[0], result)])):
+        return 1
     if args.annotate:
         try:
-            annotate(args.images[0], result, args.annotate)
+            annotate(args.images[0], result, args.annotate, keypoint_type=params.keypoint_type)
         except (OSError, ValueError) as exc:
             print(f"error: --annotate {args.annotate}: {exc}", file=sys.stderr)
             return 1

@@ -14,7 +14,7 @@ from tests.support import image_bytes, serve_process
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_NEEDS = {"httpx", "httpx-sse", "pydantic", "pillow", "grpcio", "protobuf"}
+CLIENT_NEEDS = {"httpx", "httpx-sse", "pydantic", "pillow", "grpcio", "protobuf", "tqdm"}
 SERVER_ONLY = {
     "fastapi",
     "fastapi-offline",

@@ -16,7 +16,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,6 +33,7 @@ from rexomni_client.evaluation.runner import (
     saved_answers,
 )
 from rexomni_client.http import AsyncRexOmniClient
+from rexomni_client.progress import Progress, add_progress_argument
 from rexomni_server.schemas import DetectOptions, DetectResult
 from rexomni_server.tasks import Task
 
@@ -65,32 +66,22 @@ def add_evaluate_parser(sub: Any) -> None:
         "--per-category", action="store_true", help="also score each category alone (table of the worst, JSON)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-
-
-def _progress(total: int, out: TextIO) -> Any:
-    step = max(1, total // 20)
-    done = 0
-
-    def tick(record: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        if done % step == 0 or done == total:
-            print(f"evaluated {done}/{total}", file=out, flush=True)
-
-    return tick
+    add_progress_argument(parser)
 
 
 async def _run(
     args: argparse.Namespace, samples: list[EvalSample], options: dict[str, Any], saved: dict[str, SavedAnswer]
 ) -> EvalRun:
     records = args.predictions.open("a" if args.resume else "w", encoding="utf-8") if args.predictions else None
-    tick = _progress(len(samples) - len(saved.keys() & {s.sample_id for s in samples}), sys.stderr)
+    # The images asked for (not those scored from an earlier run's predictions).
+    asked = len(samples) - len(saved.keys() & {s.sample_id for s in samples})
+    progress = Progress(asked, mode=args.progress, desc="evaluate")
 
     def on_record(record: dict[str, Any]) -> None:
         if records is not None:
             records.write(json.dumps(record) + "\n")
             records.flush()  # a killed run keeps every image it finished (see --resume)
-        tick(record)
+        progress.update(failed="error" in record)
 
     try:
         async with AsyncRexOmniClient(
@@ -112,6 +103,7 @@ async def _run(
                 samples, detect, args.task, concurrency=args.concurrency, on_record=on_record, saved=saved
             )
     finally:
+        progress.close()
         if records is not None:
             records.close()
 
