@@ -28,6 +28,7 @@ from rexomni_server.transport.http import (
     install_error_handlers,
     record_of,
 )
+from rexomni_server.transport.label_studio import label_studio_router
 from rexomni_server.vocabulary import REQUEST_OVERHEAD_BYTES
 
 
@@ -229,11 +230,12 @@ def document_api(app: FastAPI, keys: ApiKeys) -> None:
                 schema.setdefault("components", {})["securitySchemes"] = {
                     "bearer": {"type": "http", "scheme": "bearer"},
                     "apiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+                    "basic": {"type": "http", "scheme": "basic"},  # the key as the password
                 }
                 for path, operations in schema["paths"].items():
                     if not is_open(path):
                         for operation in operations.values():
-                            operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+                            operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}, {"basic": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -275,6 +277,7 @@ def create_app(
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(build_router())
+    app.include_router(label_studio_router())
     document_api(app, runtime.api_keys)
     # Added last = outermost: the request id first, then the record, the key, the body guard.
     app.add_middleware(BodyGuardMiddleware, max_bytes=max_body_bytes(settings), timeout_s=settings.http_body_timeout_s)

@@ -6,6 +6,8 @@ constant-time so response timing does not reveal how much of a guessed key was r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from dataclasses import dataclass
 
@@ -15,6 +17,8 @@ from rexomni_server.settings import Settings
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 _BEARER = "bearer "
+# HTTP Basic with the key as the password: what Label Studio can send to an ML backend.
+_BASIC = "basic "
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,24 @@ class ApiKeys:
         given = (api_key or "").strip()
         if not given and authorization and authorization[: len(_BEARER)].lower() == _BEARER:
             given = authorization[len(_BEARER) :].strip()
+        if not given and authorization and authorization[: len(_BASIC)].lower() == _BASIC:
+            given = basic_password(authorization[len(_BASIC) :])
         if not given:
-            raise Unauthenticated("an API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
+            raise Unauthenticated(
+                "an API key is required: send 'Authorization: Bearer KEY', 'x-api-key: KEY' "
+                "or HTTP Basic with the key as the password"
+            )
         candidate = given.encode()
         # Every key is compared (no early exit) so the time taken does not depend on which matched.
         matched = [hmac.compare_digest(candidate, key) for key in self.keys]
         if not any(matched):
             raise Unauthenticated("the API key is not valid")
+
+
+def basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials (the user name is not checked); "" if unreadable."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return ""
+    return decoded.partition(":")[2].strip()

@@ -25,7 +25,7 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Never a flag: a key on the command line is visible to every user of the machine (ps).
-SECRET_SETTINGS = frozenset({"api_keys"})
+SECRET_SETTINGS = frozenset({"api_keys", "label_studio_api_key"})
 
 
 def _add_setting_flags(serve: argparse.ArgumentParser) -> None:

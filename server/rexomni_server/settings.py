@@ -189,6 +189,21 @@ class Settings(BaseSettings):
     )
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
 
+    # -- Label Studio ML backend (/label-studio) --
+    label_studio_url: str = Field(
+        default="",
+        pattern=r"^(https?://\S+)?$",
+        description="Label Studio's base URL as this server reaches it (e.g. http://label-studio:8080), for "
+        "images Label Studio stores itself (/data/upload/..., /data/local-files/..., cloud storage). "
+        "Empty: the hostname Label Studio sends when it connects.",
+    )
+    label_studio_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="A Label Studio access token to fetch those images with: a legacy token (sent as "
+        "'Authorization: Token ...') or a personal access token (exchanged for a short-lived access token). "
+        "Empty: the token of the project's owner that Label Studio sends when it connects.",
+    )
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.min_pixels > self.max_pixels:

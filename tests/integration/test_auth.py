@@ -133,8 +133,8 @@ async def test_openapi_declares_the_key_where_it_is_needed(keyed: tuple[Runtime,
     _, url, _ = keyed
     async with httpx.AsyncClient(base_url=url) as client:
         schema = (await client.get("/openapi.json")).json()
-    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader"}
-    assert schema["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader", "basic"}
+    assert schema["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}, {"apiKeyHeader": []}, {"basic": []}]
     assert "security" not in schema["paths"]["/health"]["get"]
 
 
@@ -144,3 +144,13 @@ def test_open_paths_are_matched_below_a_proxy_prefix() -> None:
     assert route_path({"path": "/api/health", "root_path": "/api"}) == "/health"
     assert route_path({"path": "/v1/detect", "root_path": ""}) == "/v1/detect"
     assert route_path({"path": "/health-not", "root_path": "/api"}) == "/health-not"
+
+
+async def test_http_basic_with_the_key_as_the_password_is_a_key(keyed: tuple[Runtime, str, str]) -> None:
+    _, url, _ = keyed
+    async with httpx.AsyncClient(base_url=url) as client:
+        right = await client.post("/v1/detect", json=BODY, auth=("any-user", "file-key"))
+        wrong = await client.post("/v1/detect", json=BODY, auth=("any-user", "not-the-key"))
+        garbled = await client.post("/v1/detect", json=BODY, headers={"authorization": "Basic %%%"})
+    assert right.status_code == 200
+    assert wrong.status_code == 401 and garbled.status_code == 401
