@@ -57,13 +57,15 @@ unit: install
 test-vllm: vllm-env
 	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/pytest -q tests/vllm
 
-# Programs the deployment tests run for real: promtool (the alert rules) and nginx (the proxy in
-# front of one server per GPU); kubectl (kustomize) must be on the PATH already. Installed with
-# apt where missing and allowed (Debian, as root: CI); elsewhere install them yourself.
+# Programs tests run for real: promtool (the alert rules), nginx (the proxy in front of one
+# server per GPU), Chromium and its driver (the playground in a real browser); kubectl (with
+# kustomize) must be on the PATH already. Installed with apt where missing and allowed (Debian,
+# as root: CI); elsewhere install them yourself.
 system-deps:
-	@command -v promtool >/dev/null && command -v nginx >/dev/null || { \
+	@command -v promtool >/dev/null && command -v nginx >/dev/null && command -v chromium >/dev/null \
+		&& command -v chromedriver >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			prometheus nginx-light >/dev/null; }
+			prometheus nginx-light chromium chromium-driver >/dev/null; }
 	@command -v kubectl >/dev/null || { echo "kubectl (with kustomize) is needed by the deployment tests" >&2; exit 1; }
 
 test: system-deps lint typecheck test-vllm

@@ -15,6 +15,7 @@ from rexomni_server import __version__
 from rexomni_server.accounting import deadline_guard
 from rexomni_server.auth import API_KEY_HEADER, AUTHORIZATION_HEADER, ApiKeys
 from rexomni_server.errors import BodyTimeout, ImageTooLarge, RequestTimeout, RexOmniError, Unauthenticated
+from rexomni_server.playground import PLAYGROUND_PATHS, playground_router
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import REQUEST_ID_HEADER
 from rexomni_server.service import new_request_id
@@ -174,6 +175,7 @@ class BodyGuardMiddleware:
 DOCS_ASSETS = "/docs-assets"
 OPEN_PATHS = frozenset(
     {"/health", "/ready", "/metrics", "/v1/tasks", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    | PLAYGROUND_PATHS  # a static page; the key is typed into it and sent with its requests
 )
 OPEN_PREFIXES = (f"{DOCS_ASSETS}/",)
 
@@ -278,6 +280,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(build_router())
     app.include_router(label_studio_router())
+    app.include_router(playground_router())
     document_api(app, runtime.api_keys)
     # Added last = outermost: the request id first, then the record, the key, the body guard.
     app.add_middleware(BodyGuardMiddleware, max_bytes=max_body_bytes(settings), timeout_s=settings.http_body_timeout_s)
