@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -134,3 +135,41 @@ def required_program(name: str, hint: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(why)
     pytest.skip(why)
+
+
+def detect_result(
+    detections: list[dict[str, Any]],
+    width: int = 200,
+    height: int = 100,
+    task: str = "detection",
+    model: str = "rex-omni-test",
+) -> Any:
+    """A DetectResult as a server would answer, with ``detections`` (dicts) on a WxH image."""
+    from rexomni_server.schemas import DetectResult
+
+    return DetectResult.model_validate(
+        {
+            "request_id": "r",
+            "model": model,
+            "task": task,
+            "detections": detections,
+            "image": {"width": width, "height": height, "resized_width": 28, "resized_height": 28},
+            "finish_reason": "stop",
+            "truncated": False,
+            "skipped": 0,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
+        }
+    )
+
+
+# Label Studio's "Object Detection with Bounding Boxes" template, as a project's label config.
+LABEL_STUDIO_DETECTION_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Airplane" background="green"/>
+    <Label value="Car" background="blue"/>
+  </RectangleLabels>
+</View>
+"""

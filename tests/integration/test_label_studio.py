@@ -27,21 +27,13 @@ from rexomni_server.errors import Unauthenticated
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
 from rexomni_server.transport.label_studio import label_studio_router
-from tests.support import image_bytes, noise_png, wait_until
+from tests.support import LABEL_STUDIO_DETECTION_CONFIG, image_bytes, noise_png, wait_until
 
 KEY = {"authorization": "Bearer secret"}
 LEGACY_TOKEN = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
 ACCESS_TOKEN = "access-token-from-refresh"
 
-DETECTION_CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Airplane" background="green"/>
-    <Label value="Car" background="blue"/>
-  </RectangleLabels>
-</View>
-"""
+DETECTION_CONFIG = LABEL_STUDIO_DETECTION_CONFIG
 POSE_CONFIG = """
 <View>
   <Image name="image" value="$image"/>

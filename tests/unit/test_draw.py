@@ -16,30 +16,13 @@ from rexomni_client.draw import (
     render,
     style_for,
 )
-from rexomni_server.schemas import DetectResult
+from tests.support import detect_result
 
 WHITE = (255, 255, 255)
 
 
-def result(detections: list[dict[str, Any]], width: int, height: int) -> DetectResult:
-    return DetectResult.model_validate(
-        {
-            "request_id": "r",
-            "model": "m",
-            "task": "detection",
-            "detections": detections,
-            "image": {"width": width, "height": height, "resized_width": 28, "resized_height": 28},
-            "finish_reason": "stop",
-            "truncated": False,
-            "skipped": 0,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-            "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
-        }
-    )
-
-
 def drawn(detections: list[dict[str, Any]], size: tuple[int, int] = (400, 400)) -> Image.Image:
-    return render(Image.new("RGB", size, WHITE), result(detections, *size))
+    return render(Image.new("RGB", size, WHITE), detect_result(detections, *size))
 
 
 def box(label: str, *xyxy: float, score: float | None = 0.93) -> dict[str, Any]:
@@ -156,6 +139,6 @@ def test_points_are_circled() -> None:
 def test_annotate_writes_the_picture(tmp_path: Path) -> None:
     source, out = tmp_path / "in.png", tmp_path / "out.jpg"
     Image.new("L", (120, 80), 255).save(source)  # greyscale in, RGB out
-    annotate(source, result([box("cat", 10, 30, 60, 70)], 120, 80), out)
+    annotate(source, detect_result([box("cat", 10, 30, 60, 70)], 120, 80), out)
     written = Image.open(out)
     assert written.size == (120, 80) and written.mode == "RGB"

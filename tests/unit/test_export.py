@@ -17,33 +17,14 @@ from rexomni_client.export import (
     to_labelstudio,
     to_supervision,
 )
-from rexomni_server.schemas import DetectResult
 from rexomni_server.tasks import KEYPOINT_SETS
+from tests.support import detect_result
 
 # COCO's own person skeleton (person_keypoints_val2017.json), 1-based indices.
 COCO_PERSON_SKELETON = [
     [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
     [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
 ]  # fmt: skip
-
-
-def result(
-    detections: list[dict[str, Any]], width: int = 200, height: int = 100, task: str = "detection"
-) -> DetectResult:
-    return DetectResult.model_validate(
-        {
-            "request_id": "r",
-            "model": "rex-omni-test",
-            "task": task,
-            "detections": detections,
-            "image": {"width": width, "height": height, "resized_width": 28, "resized_height": 28},
-            "finish_reason": "stop",
-            "truncated": False,
-            "skipped": 0,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-            "timings": {"queue_ms": 0.0, "first_detection_ms": 1.0, "total_ms": 1.0},
-        }
-    )
 
 
 BOX = {"type": "box", "label": "cat", "box": [10, 20, 110, 70], "score": 0.9}
@@ -64,7 +45,7 @@ def test_skeletons_join_keypoints_of_their_set() -> None:
 
 
 def test_coco_document_has_images_categories_and_annotations() -> None:
-    doc = to_coco([("a.jpg", result([BOX, POLYGON, POINT])), ("dir/b.png", result([BOX], 640, 480))])
+    doc = to_coco([("a.jpg", detect_result([BOX, POLYGON, POINT])), ("dir/b.png", detect_result([BOX], 640, 480))])
     assert doc["images"] == [
         {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
         {"id": 2, "file_name": "dir/b.png", "width": 640, "height": 480},
@@ -90,7 +71,7 @@ def test_coco_document_has_images_categories_and_annotations() -> None:
 
 
 def test_coco_keypoints_use_the_coco_layout() -> None:
-    doc = to_coco([("p.jpg", result([PERSON], task="keypoint"))], keypoint_type="person")
+    doc = to_coco([("p.jpg", detect_result([PERSON], task="keypoint"))], keypoint_type="person")
     (category,) = doc["categories"]
     assert category["keypoints"] == list(KEYPOINT_SETS["person"])
     assert category["skeleton"] == COCO_PERSON_SKELETON
@@ -105,7 +86,7 @@ def test_coco_keypoints_use_the_coco_layout() -> None:
 
 def test_coco_keypoints_outside_any_set_keep_their_names() -> None:
     odd = {**PERSON, "label": "robot", "keypoints": {"antenna": [1, 2], "nose": [3, 4]}}
-    doc = to_coco([("r.jpg", result([odd]))])
+    doc = to_coco([("r.jpg", detect_result([odd]))])
     assert doc["categories"][0]["keypoints"] == ["antenna", "nose"] and doc["categories"][0]["skeleton"] == []
     assert doc["annotations"][0]["keypoints"] == [1, 2, 2, 3, 4, 2]
 
@@ -121,7 +102,7 @@ def test_keypoint_set_is_what_was_asked_else_what_the_names_say() -> None:
 
 def test_coco_document_loads_in_pycocotools() -> None:
     coco_module = pytest.importorskip("pycocotools.coco")
-    doc = to_coco([("a.jpg", result([BOX, POLYGON]))])
+    doc = to_coco([("a.jpg", detect_result([BOX, POLYGON]))])
     coco = coco_module.COCO()
     coco.dataset = doc
     coco.createIndex()
@@ -131,7 +112,9 @@ def test_coco_document_loads_in_pycocotools() -> None:
 
 
 def test_labelstudio_tasks_in_percent() -> None:
-    tasks = to_labelstudio([("http://x/a.jpg", result([BOX, POLYGON, POINT, PERSON]))], from_name="tag", to_name="img")
+    tasks = to_labelstudio(
+        [("http://x/a.jpg", detect_result([BOX, POLYGON, POINT, PERSON]))], from_name="tag", to_name="img"
+    )
     (task,) = tasks
     assert task["data"] == {"image": "http://x/a.jpg"}
     (prediction,) = task["predictions"]
@@ -161,19 +144,19 @@ def test_labelstudio_tasks_in_percent() -> None:
 
 def test_labelstudio_regions_stay_in_the_image() -> None:
     outside = {"type": "box", "label": "cat", "box": [-10, 50, 250, 120]}
-    (task,) = to_labelstudio([("a.jpg", result([outside]))])
+    (task,) = to_labelstudio([("a.jpg", detect_result([outside]))])
     value = task["predictions"][0]["result"][0]["value"]
     assert (value["x"], value["y"], value["width"], value["height"]) == (0, 50, 100, 50)
 
 
 def test_labelstudio_prediction_without_scores_has_none() -> None:
-    (task,) = to_labelstudio([("a.jpg", result([POLYGON]))])
+    (task,) = to_labelstudio([("a.jpg", detect_result([POLYGON]))])
     assert "score" not in task["predictions"][0] and task["predictions"][0]["result"][0]["from_name"] == "label"
     assert task["predictions"][0]["result"][0]["to_name"] == "image"
 
 
 def test_detection_arrays_are_boxes_with_class_ids() -> None:
-    arrays = detection_arrays(result([BOX, POLYGON, POINT, BOX]), classes=["sign"])
+    arrays = detection_arrays(detect_result([BOX, POLYGON, POINT, BOX]), classes=["sign"])
     assert arrays.xyxy == [[10, 20, 110, 70], [0, 0, 40, 30], [50, 25, 50, 25], [10, 20, 110, 70]]
     assert arrays.classes == ["sign", "cat", "cup"]
     assert arrays.class_id == [1, 0, 2, 1]
@@ -181,25 +164,25 @@ def test_detection_arrays_are_boxes_with_class_ids() -> None:
     assert arrays.kind == ["box", "polygon", "point", "box"]
     assert arrays.confidence is not None and math.isnan(arrays.confidence[1])
     assert arrays.confidence[0] == 0.9
-    assert detection_arrays(result([POLYGON])).confidence is None  # no scores at all
-    assert detection_arrays(result([])).xyxy == []
+    assert detection_arrays(detect_result([POLYGON])).confidence is None  # no scores at all
+    assert detection_arrays(detect_result([])).xyxy == []
 
 
 def test_to_supervision_without_supervision_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "supervision", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install supervision"):
-        to_supervision(result([BOX]))
+        to_supervision(detect_result([BOX]))
 
 
 def test_to_supervision() -> None:
     pytest.importorskip("supervision")
-    detections = to_supervision(result([BOX, POINT]))
+    detections = to_supervision(detect_result([BOX, POINT]))
     assert len(detections) == 2
     assert detections.xyxy.tolist() == [[10, 20, 110, 70], [50, 25, 50, 25]]
     assert detections.class_id.tolist() == [0, 1]
     assert detections.confidence is not None and detections.confidence.tolist() == pytest.approx([0.9, 0.5])
     assert list(detections.data["class_name"]) == ["cat", "cup"]
-    assert len(to_supervision(result([]))) == 0
+    assert len(to_supervision(detect_result([]))) == 0
 
 
 def test_to_supervision_builds_the_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,9 +190,9 @@ def test_to_supervision_builds_the_arrays(monkeypatch: pytest.MonkeyPatch) -> No
     one runs in test_to_supervision where supervision is installed)."""
     np = pytest.importorskip("numpy")
     monkeypatch.setitem(sys.modules, "supervision", types.SimpleNamespace(Detections=lambda **kw: kw))
-    given: Any = to_supervision(result([BOX, POLYGON]))
+    given: Any = to_supervision(detect_result([BOX, POLYGON]))
     assert given["xyxy"].dtype == np.float32 and given["xyxy"].shape == (2, 4)
     assert given["class_id"].tolist() == [0, 1] and given["data"]["class_name"].tolist() == ["cat", "sign"]
     assert np.isnan(given["confidence"][1])
-    empty: Any = to_supervision(result([]))
+    empty: Any = to_supervision(detect_result([]))
     assert empty["xyxy"].shape == (0, 4) and empty["confidence"] is None and len(empty["data"]["class_name"]) == 0

@@ -40,17 +40,10 @@ from rexomni_server.schemas import (
     Usage,
 )
 from rexomni_server.tasks import KEYPOINT_SETS, Task
+from tests.support import LABEL_STUDIO_DETECTION_CONFIG
 
 # ---- label configs as Label Studio's templates write them ----------------------------------------
-OBJECT_DETECTION = """
-<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Airplane" background="green"/>
-    <Label value="Car" background="blue"/>
-  </RectangleLabels>
-</View>
-"""
+OBJECT_DETECTION = LABEL_STUDIO_DETECTION_CONFIG
 
 KEYPOINTS_TEMPLATE = """
 <View>
