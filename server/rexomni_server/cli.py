@@ -94,24 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return status
 
 
-# What writing (or running) a checkpoint needs beyond the server's own dependencies.
-MODEL_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors"})
-
-
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from rexomni_server.tiny import make_tiny_model
 
-    try:
-        path = make_tiny_model(args.directory)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in MODEL_PACKAGES:
-            raise
-        print(
-            f"error: make-tiny-model needs {exc.name}: pip install 'rexomni[transformers]' "
-            "(torch first for your hardware; see the README)",
-            file=sys.stderr,
-        )
-        return 1
+    path = make_tiny_model(args.directory)
     print(f"wrote a tiny RANDOM-WEIGHT Qwen2.5-VL checkpoint to {path}")
     return 0
 
@@ -210,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The server's own dependencies (the `server` extra): a client-only install has none of them.
-SERVER_PACKAGES = frozenset({"fastapi", "uvicorn", "starlette", "pydantic_settings", "prometheus_client"})
+# The extra that brings a package a command may lack: the server's own (a client-only install
+# has none of them), and the model packages (checkpoints, the transformers engine).
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic_settings", "prometheus_client"), "server"),
+    **dict.fromkeys(("torch", "transformers", "tokenizers", "safetensors"), "transformers"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,10 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         result: int = args.func(args)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in SERVER_PACKAGES:
+        extra = EXTRA_OF_PACKAGE.get((exc.name or "").split(".")[0])
+        if extra is None:
             raise
-        print(f"error: rexomni-server needs the server's packages ({exc.name}): pip install 'rexomni[server]'",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: this needs {exc.name}: pip install 'rexomni[{extra}]'", file=sys.stderr)
         return 1
     except (RexOmniError, ValidationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,8 +4,8 @@ A request starts one engine request, or one per category when fanned out. One st
 directly by the request's own task: no pump task and no queue hop per token. Several are
 pumped into one queue by a task each, so a slow category never holds up the others.
 
-The time budget costs one timer per request, not one per token: between waits the clock is
-compared, and the timer only interrupts a wait for an engine that has gone quiet.
+The time budget costs one timer per request, not one per token: it marks the budget spent,
+interrupts the reading task if it is waiting then, and any later wait fails at once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class Deadline:
     """A request's time budget (``at`` is a ``time.perf_counter()`` value)."""
 
     def __init__(self, at: float, timeout_s: float) -> None:
-        self.at = at
         self.timeout_s = timeout_s
         self.expired = False
         self._waiting: asyncio.Task[object] | None = None

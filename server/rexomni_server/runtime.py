@@ -186,7 +186,6 @@ class Runtime:
         )
         try:
             path = await asyncio.to_thread(ensure_tiny_model, self.settings.tiny_model_dir)
-            self.random_weights = True
             self._serve_the_demo_model()
             self.service.engine = build_engine(self.settings.model_copy(update={"engine": "transformers"}), str(path))
             await self.engine.start()

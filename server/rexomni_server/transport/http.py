@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -145,7 +145,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, validation_error)
 
 
-def _runtime(request: Request) -> Runtime:
+# The runtime the app was built with (create_app keeps it on app.state).
+def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -301,7 +302,7 @@ def _sse_frame(event: ServiceEvent) -> ServerSentEvent | bytes | None:
 
 async def _sse(request: Request, params: DetectParams, image: EncodedImage) -> EventSourceResponse:
     rid = request_id_of(request)
-    events = _runtime(request).service.stream(params, image, record=_record(request))
+    events = runtime_of(request).service.stream(params, image, record=_record(request))
     # Run up to AcceptedEvent before answering: invalid input still gets a plain 4xx status.
     try:
         await anext(events)
@@ -326,28 +327,37 @@ async def _sse(request: Request, params: DetectParams, image: EncodedImage) -> E
 
     # Should sse-starlette see the server stop (plain uvicorn signal handling; `serve` owns the
     # signals itself), a stream still gets the drain timeout to finish instead of ending at once.
-    grace = _runtime(request).settings.drain_timeout_s
+    grace = runtime_of(request).settings.drain_timeout_s
     return EventSourceResponse(frames(), ping=SSE_PING_S, headers={REQUEST_ID_HEADER: rid}, shutdown_grace_period=grace)
+
+
+T = TypeVar("T")
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T | Response:
+    """``work``'s result; if the client leaves first, ``work`` is cancelled (aborting its
+    generations: Starlette does not cancel a plain endpoint when its client goes away, so the
+    engine would run on) and the answer is a 499 nobody reads."""
+    future = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                future.cancel()
+                await asyncio.wait({future})  # its own CancelledError stays in it; ours would still rise
+                return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
+    finally:
+        if not future.done():  # this handler itself was cancelled
+            future.cancel()
 
 
 async def _detect_while_connected(
     request: Request, params: DetectParams, image: EncodedImage
 ) -> DetectResult | Response:
-    """The unary result; if the client leaves first, the generation is aborted (Starlette does
-    not cancel a plain endpoint when its client goes away, so the engine would run on)."""
-    work = asyncio.ensure_future(_runtime(request).service.detect(params, image, record=_record(request)))
-    try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                work.cancel()
-                await asyncio.wait({work})  # its own CancelledError stays in it; ours would still rise
-                return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
-    finally:
-        if not work.done():  # this handler itself was cancelled
-            work.cancel()
+    """The unary result, the generation aborted if the client leaves first."""
+    return await while_connected(request, runtime_of(request).service.detect(params, image, record=_record(request)))
 
 
 def build_router() -> APIRouter:
@@ -364,7 +374,7 @@ def build_router() -> APIRouter:
     @router.post("/detect", response_model=DetectResult, responses=ERROR_RESPONSES, tags=["detect"])
     async def detect_multipart(request: Request, form: Annotated[MultipartForm, Depends()]) -> DetectResult | Response:
         """Detect with a multipart upload (``curl -F image=@photo.jpg -F categories=person,car``)."""
-        params, data = await form.parse(request, _runtime(request).settings.max_image_bytes)
+        params, data = await form.parse(request, runtime_of(request).settings.max_image_bytes)
         return await _detect_while_connected(request, params, data)
 
     @router.post("/v1/detect/stream", responses=STREAM_RESPONSES, tags=["detect"], openapi_extra=JSON_BODY)
@@ -379,13 +389,13 @@ def build_router() -> APIRouter:
         request: Request, form: Annotated[MultipartForm, Depends()]
     ) -> EventSourceResponse:
         """Server-sent events for a multipart upload (same fields as /detect)."""
-        params, data = await form.parse(request, _runtime(request).settings.max_image_bytes)
+        params, data = await form.parse(request, runtime_of(request).settings.max_image_bytes)
         return await _sse(request, params, data)
 
     @router.get("/metrics", tags=["ops"], response_class=Response)
     async def metrics(request: Request) -> Response:
         """Prometheus exposition: the server's metrics, plus the engine's own where it has them."""
-        runtime = _runtime(request)
+        runtime = runtime_of(request)
         body = runtime.service.metrics.exposition()
         engine_metrics = getattr(runtime.engine, "metrics_exposition", None)
         if callable(engine_metrics):
@@ -396,7 +406,7 @@ def build_router() -> APIRouter:
     async def health(request: Request) -> JSONResponse:
         """Liveness: the process answers, and says which model and engine. 503, with the
         error, once the model failed to load or the engine died (the server is exiting)."""
-        runtime = _runtime(request)
+        runtime = runtime_of(request)
         problem = runtime.problem
         body = {
             "status": "ok" if problem is None else "error",
@@ -411,7 +421,7 @@ def build_router() -> APIRouter:
     @router.get("/ready", tags=["ops"])
     async def ready(request: Request) -> JSONResponse:
         """Readiness: 200 once the model is loaded, 503 before (or if it failed to load)."""
-        runtime = _runtime(request)
+        runtime = runtime_of(request)
         if runtime.ready:
             return JSONResponse({"ready": True})
         return JSONResponse({"ready": False, "error": runtime.problem}, status_code=503, headers={"Retry-After": "5"})

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -60,7 +60,12 @@ from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectResult
 from rexomni_server.service import DetectionService, EncodedImage
 from rexomni_server.settings import Settings
-from rexomni_server.transport.http import CLIENT_CLOSED_REQUEST, DISCONNECT_POLL_S, ERROR_RESPONSES, request_id_of
+from rexomni_server.transport.http import (
+    ERROR_RESPONSES,
+    request_id_of,
+    runtime_of,
+    while_connected,
+)
 
 PREFIX = "/label-studio"
 TRANSPORT = "label-studio"  # the transport label of its requests' records, logs and metrics
@@ -354,33 +359,10 @@ async def predict(
     return PredictResponse(results=[outcome.prediction for outcome in outcomes], model_version=version)
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 def _json(model: BaseModel, status_code: int = 200) -> JSONResponse:
     """Label Studio's shapes: None fields left out (a prediction without a score, a region
     without a parent), ``parentID`` by its name."""
     return JSONResponse(model.model_dump(mode="json", by_alias=True, exclude_none=True), status_code=status_code)
-
-
-async def _while_connected(request: Request, work: Awaitable[T]) -> T | Response:
-    """``work``'s result; if the client leaves first (Label Studio gives up after its
-    ML_TIMEOUT_PREDICT), the work is cancelled, aborting its generations."""
-    future = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return future.result()
-            if await request.is_disconnected():
-                future.cancel()
-                await asyncio.wait({future})
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-    finally:
-        if not future.done():
-            future.cancel()
 
 
 def label_studio_router() -> APIRouter:
@@ -391,7 +373,7 @@ def label_studio_router() -> APIRouter:
     async def health(request: Request) -> JSONResponse:
         """Label Studio's connection check: UP once the model is loaded (503 DOWN before,
         or after the engine failed)."""
-        runtime = _runtime(request)
+        runtime = runtime_of(request)
         if runtime.ready:
             return _json(HealthResponse(status="UP"))
         error = runtime.problem or "the model is still loading"
@@ -410,7 +392,7 @@ def label_studio_router() -> APIRouter:
         backend.remember(project, ProjectSetup(body.hostname or "", body.access_token or "", body.label_config))
         for warning in config.warnings:
             log.warning("label studio config: %s", warning, extra={"fields": {"project": project}})
-        return _json(SetupResponse(model_version=model_version(_runtime(request)), warnings=list(config.warnings)))
+        return _json(SetupResponse(model_version=model_version(runtime_of(request)), warnings=list(config.warnings)))
 
     @router.post("/validate", response_model=ValidateResponse, responses=ERROR_RESPONSES)
     async def validate(body: ValidateRequest) -> JSONResponse:
@@ -420,7 +402,7 @@ def label_studio_router() -> APIRouter:
     @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
     async def predict_route(request: Request, body: PredictRequest) -> Response:
         """Predictions for Label Studio tasks: ``{"results": [...]}``, one per task, in order."""
-        result = await _while_connected(request, predict(_runtime(request), backend, body, request_id_of(request)))
+        result = await while_connected(request, predict(runtime_of(request), backend, body, request_id_of(request)))
         return result if isinstance(result, Response) else _json(result)
 
     async def webhook() -> JSONResponse:
