@@ -1,11 +1,13 @@
 """Merging the detections of a tiled run (see :mod:`rexomni_server.tiling`) into one answer,
-streaming each one as soon as no tile still to come can change it.
+streaming each one as soon as no tile still running can change it.
 
-Detections arrive as ``(tile index, detection in original-image pixels)``. Only detections of the
-same label and the same geometry type ever interact. The rules, in order:
+Detections arrive one by one as ``(tile index, detection in original-image pixels)``, tiles
+running concurrently. Only detections of the same label and the same geometry type ever
+interact, and never two of the same tile: a tile's own answer is kept as the model gave it, as
+in a request without tiling. The rules, in order:
 
-1. **Locality.** Two detections of *grid* tiles interact only if they come from the same tile, or
-   from neighbouring tiles and both reach the band those two tiles share (``TilingPlan.band``).
+1. **Locality.** Two detections of different *grid* tiles interact only if the tiles are
+   neighbours and both detections reach the band those two tiles share (``TilingPlan.band``).
    A detection of a tile's interior therefore never meets another tile's, whatever coordinates a
    model returns.
 2. **Edge cuts (boxes only).** A box that ends within ``max(2 px, 1 %)`` of its tile's side, where
@@ -16,39 +18,41 @@ same label and the same geometry type ever interact. The rules, in order:
    it by at least ``ALIGNMENT`` (0.6) of the smaller extent. Fusion is transitive (an object over
    four tiles becomes one box).
 3. **Suppression.** Greedy non-maximum suppression by score over the (fused) candidates of each
-   group of interacting detections: boxes, polygons and keypoint instances by the IoU of their
-   boxes (>= ``iou_threshold``), points within ``point_distance_px`` (default:
-   ``POINT_DISTANCE_FRACTION`` of the plan's overlap, at least ``MIN_POINT_DISTANCE_PX``).
-   A null score ranks below every score; ties go to the detection that arrived first.
-4. **The whole-image pass** is suppressed among itself the same way. Its survivors then meet the
-   grid's: a cut grid result (a fused box, or a single box, polygon or keypoint instance touching
-   a cut edge) that a whole-image detection matches (IoU >= ``iou_threshold``) gives way to it -
-   the whole image saw the object uncut, and that whole-image detection is kept. Any other grid
-   result wins: a whole-image detection matching only such results is dropped (the tile saw the
-   object at a higher resolution). A whole-image detection matching nothing is kept.
+   group of interacting detections, between candidates of different tiles: boxes, polygons and
+   keypoint instances by the IoU of their boxes (>= ``iou_threshold``), points within
+   ``point_distance_px`` (default: ``POINT_DISTANCE_FRACTION`` of the plan's overlap, at least
+   ``MIN_POINT_DISTANCE_PX``). A null score ranks below every score; ties go to the detection
+   that arrived first.
+4. **The whole-image pass** is kept as the model gave it, then meets the grid's results: a cut
+   grid result (a fused box, or a single box, polygon or keypoint instance touching a cut edge)
+   that a whole-image detection matches (IoU >= ``iou_threshold``) gives way to it - the whole
+   image saw the object uncut, and that whole-image detection is kept. Any other grid result
+   wins: a whole-image detection matching only such results is dropped (the tile saw the object
+   at a higher resolution). A whole-image detection matching nothing is kept.
 
-Finality (what makes streaming safe): a grid detection is final once every tile whose band it
-reaches is done, and, when it is cut and the plan has a whole-image pass, that pass is done too
-(:func:`is_final`). Detections linked by rules 1-3 form groups, and a group is resolved, and its
-results streamed, once every member is final: no later detection can link to it, so its outcome
-can no longer change. Whole-image detections are final once every tile is done, since any grid
-result may still suppress them. :class:`StreamingMerger` applies this; :func:`merge` is the same
-computation over everything at once, so what a StreamingMerger streams, plus its ``finish()``,
-is exactly ``merge`` of the same detections in the same arrival order.
+Finality (what makes streaming safe): a grid detection that reaches no band and is not cut is
+final at once - nothing can merge it away. One that reaches a band is final once every tile
+whose band it reaches is done (its own tile may still be running); one that is cut waits for
+the whole-image pass as well (:func:`is_final`). Detections linked by rules 1-3 form groups, and a
+group is resolved, and its results streamed, once every member is final: no later detection
+can link to it, so its outcome can no longer change. Whole-image detections are final once
+every tile is done, since any grid result may still suppress them. :class:`StreamingMerger`
+applies this; :func:`merge` is the same rules over everything at once, every group resolved
+with all detections known, so what a StreamingMerger streams, plus its ``finish()``, is exactly
+``merge`` of the same detections in the same arrival order (property-tested).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
-from rexomni_server.schemas import BoxDetection, DetectionModel, PointDetection, PolygonDetection
+from rexomni_server.schemas import DEFAULT_MERGE_IOU, BoxDetection, DetectionModel, PointDetection, PolygonDetection
 from rexomni_server.tiling import Tile, TilingPlan
 
 Box = tuple[float, float, float, float]
 
-DEFAULT_IOU_THRESHOLD = 0.5
 ALIGNMENT = 0.6  # edge-cut fusion: overlap across the cut, as a fraction of the smaller extent
 CUT_EDGE_FRACTION = 0.01  # a box this close to a tile's inner side (fraction of the side) is cut
 CUT_EDGE_MIN_PX = 2.0  # ... or this close, in pixels, whichever is more
@@ -99,10 +103,13 @@ def _is_cut(plan: TilingPlan, tile: Tile, detection: DetectionModel) -> bool:
 
 
 def _needs(plan: TilingPlan, tile_index: int, detection: DetectionModel) -> frozenset[int]:
-    """The tiles that must be done before this detection is final (its own tile aside)."""
+    """The tiles that must be done before this detection is final: the tiles whose band it
+    reaches and, for a cut one, the whole-image pass (none for a detection of a tile's interior).
+    Its own tile need not be done: a tile's detections never link to each other, and every
+    detection that could link to this one comes from a tile in that set."""
     tile = plan.tiles[tile_index]
     if tile.whole:
-        return frozenset(t.index for t in plan.grid)
+        return frozenset(t.index for t in plan.tiles)
     needs = set(plan.bands_reached(tile_index, box_of(detection)))
     whole = plan.whole_index
     if whole is not None and _is_cut(plan, tile, detection):
@@ -111,10 +118,9 @@ def _needs(plan: TilingPlan, tile_index: int, detection: DetectionModel) -> froz
 
 
 def is_final(tile_index: int, detection: DetectionModel, plan: TilingPlan, done: Set[int]) -> bool:
-    """May this detection (in image pixels) of this tile stream now? Grid detections: once every
-    tile whose shared band it reaches is done, and the whole-image pass too when the detection is
-    cut (it may give way to the whole image's). Whole-image detections: once every grid tile is
-    done. A StreamingMerger also waits for everything linked to the detection (module docstring)."""
+    """May this detection (in image pixels) of this tile stream now, given the tiles that are
+    done? See the module's finality rule; a StreamingMerger also waits for every detection
+    linked to this one."""
     return _needs(plan, tile_index, detection) <= done
 
 
@@ -135,6 +141,7 @@ class _Result:
     detection: DetectionModel
     box: Box
     cut: bool
+    tiles: frozenset[int]  # the tiles it came from (several for a fused box)
 
 
 def _rank(score: float | None, seq: int) -> tuple[bool, float, int]:
@@ -142,18 +149,19 @@ def _rank(score: float | None, seq: int) -> tuple[bool, float, int]:
 
 
 class StreamingMerger:
-    """Merges a tiled run's detections tile by tile, returning each as soon as it is final.
+    """Merges a tiled run's detections as they arrive, returning each as soon as it is final.
 
-    ``add(tile_index, detections)`` takes one tile's detections (in original-image pixels) once
-    that tile is done and returns the detections that became final, merged; ``finish()`` returns
-    the rest (tiles that never arrived count as done with nothing). Everything returned, taken
-    together, equals ``merge`` over the same detections in arrival order; nothing is returned twice.
+    ``add(tile_index, detection)`` takes one detection (in original-image pixels) and
+    ``tile_done(tile_index)`` says a tile's answer is complete; each returns the detections that
+    became final, merged. ``finish()`` returns the rest (tiles never done count as done).
+    Everything returned, taken together, equals ``merge`` over the same detections in arrival
+    order; nothing is returned twice.
     """
 
     def __init__(
         self,
         plan: TilingPlan,
-        iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+        iou_threshold: float = DEFAULT_MERGE_IOU,
         point_distance_px: float | None = None,
     ) -> None:
         if not 0 < iou_threshold <= 1:
@@ -173,44 +181,45 @@ class StreamingMerger:
         self._by_tile_group: dict[tuple[int, tuple[str, str]], list[int]] = {}
         self._open: set[int] = set()  # _items not yet resolved
         self._grid_results: list[_Result] = []  # every grid result kept so far (for the whole pass)
-        self._whole: list[_Result] | None = None  # whole-pass detections after their own suppression
+        self._whole_pending: list[_Result] = []  # whole-pass detections while that pass runs
+        self._whole: list[_Result] | None = None  # ... once it is done
         self._whole_resolved = False
 
     # ---- public ------------------------------------------------------------------------------
-    def add(self, tile_index: int, detections: Iterable[DetectionModel]) -> list[DetectionModel]:
-        numbered = []
-        for detection in detections:
-            numbered.append((self._seq, detection))
-            self._seq += 1
-        return [r.detection for r in self._add(tile_index, numbered)]
+    def add(self, tile_index: int, detection: DetectionModel) -> list[DetectionModel]:
+        self._check_running(tile_index)
+        self._insert(tile_index, detection)
+        return [r.detection for r in self._collect()]
+
+    def tile_done(self, tile_index: int) -> list[DetectionModel]:
+        self._check_running(tile_index)
+        self._mark_done(tile_index)
+        return [r.detection for r in self._collect()]
 
     def finish(self) -> list[DetectionModel]:
         return [r.detection for r in self._finish()]
 
     # ---- internals ---------------------------------------------------------------------------
-    def _add(self, tile_index: int, numbered: Sequence[tuple[int, DetectionModel]]) -> list[_Result]:
+    def _check_running(self, tile_index: int) -> None:
         if self._finished:
             raise ValueError("the merge is finished")
         if not 0 <= tile_index < len(self.plan.tiles):
             raise ValueError(f"tile {tile_index} is not in the plan ({len(self.plan.tiles)} tiles)")
         if tile_index in self._done:
-            raise ValueError(f"tile {tile_index} was already added")
+            raise ValueError(f"tile {tile_index} is done already")
+
+    def _mark_done(self, tile_index: int) -> None:
         self._done.add(tile_index)
-        tile = self.plan.tiles[tile_index]
-        if tile.whole:
-            self._whole = self._suppress([_Result(s, d, box_of(d), False) for s, d in numbered])
-        else:
-            for seq, detection in numbered:
-                self._insert(tile_index, seq, detection)
-        return self._collect()
+        if self.plan.tiles[tile_index].whole:
+            self._whole = self._whole_pending
 
     def _finish(self) -> list[_Result]:
         if self._finished:
             raise ValueError("the merge is finished")
         self._finished = True
-        self._done.update(t.index for t in self.plan.tiles)
-        if self._whole is None:
-            self._whole = []
+        for tile in self.plan.tiles:
+            if tile.index not in self._done:
+                self._mark_done(tile.index)
         return self._collect()
 
     def _find(self, i: int) -> int:
@@ -219,8 +228,12 @@ class StreamingMerger:
             i = self._parent[i]
         return i
 
-    def _insert(self, tile_index: int, seq: int, detection: DetectionModel) -> None:
+    def _insert(self, tile_index: int, detection: DetectionModel) -> None:
+        seq, self._seq = self._seq, self._seq + 1
         tile = self.plan.tiles[tile_index]
+        if tile.whole:
+            self._whole_pending.append(_Result(seq, detection, box_of(detection), False, frozenset({tile_index})))
+            return
         item = _Item(
             seq=seq,
             tile=tile_index,
@@ -234,7 +247,7 @@ class StreamingMerger:
         self._items.append(item)
         self._parent.append(index)
         self._open.add(index)
-        for other_tile in (tile_index, *self.plan.neighbours(tile_index)):
+        for other_tile in self.plan.neighbours(tile_index):
             for j in self._by_tile_group.get((other_tile, item.group), ()):
                 if self._linked(item, self._items[j]):
                     self._parent[self._find(index)] = self._find(j)
@@ -247,7 +260,7 @@ class StreamingMerger:
 
     def _local(self, a: _Item, b: _Item) -> bool:
         if a.tile == b.tile:
-            return True
+            return False  # a tile's own detections stand as the model gave them
         band = self.plan.band(a.tile, b.tile)
         return band is not None and _reaches(a.box, band) and _reaches(b.box, band)
 
@@ -258,7 +271,7 @@ class StreamingMerger:
 
     def _fusible(self, a: _Item, b: _Item) -> bool:
         """Rule 2: two pieces of one box cut by the side two tiles share."""
-        if a.tile == b.tile or a.group[1] != "box" or not self._local(a, b):
+        if a.group[1] != "box" or not self._local(a, b):
             return False
         ta, tb = self.plan.tiles[a.tile], self.plan.tiles[b.tile]
         if (ta.y0, ta.y1) == (tb.y0, tb.y1):
@@ -285,14 +298,11 @@ class StreamingMerger:
         return shared >= 0 and shared >= ALIGNMENT * min(pa1 - pa0, pb1 - pb0)
 
     def _suppress(self, results: list[_Result]) -> list[_Result]:
-        """Greedy non-maximum suppression within each group; kept results in arrival order."""
+        """Greedy non-maximum suppression within each label and type, between results of
+        different tiles; kept results in arrival order."""
         kept: list[_Result] = []
         for result in sorted(results, key=lambda r: _rank(r.detection.score, r.seq)):
-            points = result.detection.type == "point"
-            group = (result.detection.label, result.detection.type)
-            if not any(
-                (k.detection.label, k.detection.type) == group and self._close(k.box, result.box, points) for k in kept
-            ):
+            if not any(k.tiles.isdisjoint(result.tiles) and self._matches(k, result) for k in kept):
                 kept.append(result)
         return sorted(kept, key=lambda r: r.seq)
 
@@ -318,7 +328,7 @@ class StreamingMerger:
         for pieces in clusters.values():
             if len(pieces) == 1:
                 only = pieces[0]
-                candidates.append(_Result(only.seq, only.detection, only.box, only.cut))
+                candidates.append(_Result(only.seq, only.detection, only.box, only.cut, frozenset({only.tile})))
                 continue
             box = (
                 min(p.box[0] for p in pieces),
@@ -328,7 +338,8 @@ class StreamingMerger:
             )
             scores = [p.detection.score for p in pieces if p.detection.score is not None]
             fused = BoxDetection(label=pieces[0].detection.label, score=max(scores, default=None), box=list(box))
-            candidates.append(_Result(min(p.seq for p in pieces), fused, box, True))
+            tiles = frozenset(p.tile for p in pieces)
+            candidates.append(_Result(min(p.seq for p in pieces), fused, box, True, tiles))
         return self._suppress(candidates)
 
     def _collect(self) -> list[_Result]:
@@ -370,17 +381,14 @@ def _reaches(box: Box, band: Box) -> bool:
 def merge(
     detections: Sequence[tuple[int, DetectionModel]],
     plan: TilingPlan,
-    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    iou_threshold: float = DEFAULT_MERGE_IOU,
     point_distance_px: float | None = None,
 ) -> list[DetectionModel]:
-    """Merge ``(tile index, detection in image pixels)`` pairs by the module's rules; the kept
-    detections in the order they first appear in the input (a fused box: its first piece's)."""
+    """Merge ``(tile index, detection in image pixels)`` pairs by the module's rules, every group
+    resolved with all detections known; the kept detections in the order they first appear in
+    the input (a fused box: its first piece's)."""
     merger = StreamingMerger(plan, iou_threshold, point_distance_px)
-    by_tile: dict[int, list[tuple[int, DetectionModel]]] = {}
-    for seq, (tile_index, detection) in enumerate(detections):
-        by_tile.setdefault(tile_index, []).append((seq, detection))
-    results: list[_Result] = []
-    for tile_index, numbered in by_tile.items():
-        results.extend(merger._add(tile_index, numbered))
-    results.extend(merger._finish())
-    return [r.detection for r in sorted(results, key=lambda r: r.seq)]
+    for tile_index, detection in detections:
+        merger._check_running(tile_index)
+        merger._insert(tile_index, detection)
+    return [r.detection for r in sorted(merger._finish(), key=lambda r: r.seq)]

@@ -115,32 +115,57 @@ def test_results_keep_their_first_appearance_order() -> None:
 def test_finality() -> None:
     interior, banded = box(10, 10, 40, 40), box(80, 10, 90, 40)
     cut = box(60, 10, 100, 40)
-    assert is_final(0, interior, PAIR, {0})
-    assert not is_final(0, banded, PAIR, {0}) and is_final(0, banded, PAIR, {0, 1})
+    assert is_final(0, interior, PAIR, set())
+    assert not is_final(0, banded, PAIR, {0}) and is_final(0, banded, PAIR, {1})
     assert not is_final(0, cut, PAIR, {0, 1}) and is_final(0, cut, PAIR, {0, 1, 2})
     assert is_final(0, cut, PAIR_NO_WHOLE, {0, 1})
     assert not is_final(2, interior, PAIR, {0, 2}) and is_final(2, interior, PAIR, {0, 1, 2})
 
 
+def test_a_tiles_own_detections_never_merge() -> None:
+    # Two overlapping boxes of one tile stand, as in a request without tiling; a third, from the
+    # neighbour, is suppressed by the best of them.
+    a, b = box(80, 10, 95, 30, 0.9), box(81, 10, 95, 30, 0.8)
+    assert merge([(0, a), (0, b)], PAIR) == [a, b]
+    assert merge([(0, a), (0, b), (1, box(80, 11, 95, 30, 0.7))], PAIR) == [a, b]
+
+
 def test_streaming_emits_interior_detections_at_once() -> None:
     merger = StreamingMerger(PAIR)
     interior, banded = box(10, 10, 40, 40), box(80, 10, 90, 40, 0.4)
-    assert merger.add(0, [interior, banded]) == [interior]
+    assert merger.add(0, interior) == [interior]
+    assert merger.add(0, banded) == []
     better = box(80, 10, 90, 40.5, 0.8)
-    assert merger.add(1, [better]) == [better]
-    assert merger.add(2, []) == []
+    assert merger.add(1, better) == []
+    assert merger.tile_done(1) == []  # better: tile 0 may still send a better one
+    assert merger.tile_done(0) == [better]
+    # In the band, alone: final once the neighbour is done, its own tile still running.
+    merger = StreamingMerger(PAIR)
+    merger.tile_done(1)
+    assert merger.add(0, banded) == [banded]
     assert merger.finish() == []
     with pytest.raises(ValueError, match="finished"):
-        merger.add(2, [])
+        merger.tile_done(2)
+    assert merger.finish() == []
+    with pytest.raises(ValueError, match="finished"):
+        merger.tile_done(2)
+
+
+def test_whole_image_detections_wait_for_every_tile() -> None:
+    merger = StreamingMerger(PAIR)
+    alone = box(0, 0, 175, 100, 0.9)
+    assert merger.add(2, alone) == []
+    assert merger.tile_done(2) == [] and merger.tile_done(0) == []
+    assert merger.tile_done(1) == [alone]
 
 
 def test_streaming_refuses_repeats_and_strangers() -> None:
     merger = StreamingMerger(PAIR)
-    merger.add(0, [])
-    with pytest.raises(ValueError, match="already added"):
-        merger.add(0, [])
+    merger.tile_done(0)
+    with pytest.raises(ValueError, match="done already"):
+        merger.add(0, box(1, 1, 2, 2))
     with pytest.raises(ValueError, match="not in the plan"):
-        merger.add(7, [])
+        merger.add(7, box(1, 1, 2, 2))
 
 
 def key(detection: DetectionModel) -> str:
@@ -174,30 +199,48 @@ def detection_in(draw: st.DrawFn, plan: TilingPlan, index: int) -> DetectionMode
     return KeypointsDetection(label=label, score=score, box=[x0, y0, x1, y1], keypoints={"k": [x0, y1], "h": None})
 
 
+Event = tuple[int, DetectionModel | None]  # a tile's detection, or None: that tile is done
+
+
 @st.composite
-def runs(draw: st.DrawFn) -> tuple[TilingPlan, list[tuple[int, list[DetectionModel]]], bool]:
+def runs(draw: st.DrawFn) -> tuple[TilingPlan, list[Event], bool]:
+    """A plan, and its tiles' detections interleaved as concurrent tiles deliver them, each
+    tile's done event after its last detection; now and then some tiles never finish."""
     width, height = draw(st.integers(28, 260)), draw(st.integers(28, 260))
     size = draw(st.integers(28, 140))
     plan = plan_explicit(width, height, size, draw(st.integers(0, size // 2)), draw(st.booleans()), max_tiles=1000)
     order = draw(st.permutations([t.index for t in plan.tiles]))
-    arrived = order[: draw(st.integers(0, len(order)))] if draw(st.booleans()) else order
-    tiles = [(i, draw(st.lists(detection_in(plan, i), max_size=6))) for i in arrived]
-    return plan, tiles, len(arrived) == len(order)
+    started = order[: draw(st.integers(0, len(order)))] if draw(st.booleans()) else order
+    pending = {i: [*draw(st.lists(detection_in(plan, i), max_size=6)), None] for i in started}
+    finishes = {i: draw(st.booleans()) or len(started) == len(order) for i in started}
+    events: list[Event] = []
+    while pending:
+        index = draw(st.sampled_from(sorted(pending)))
+        item = pending[index].pop(0)
+        if not pending[index]:
+            del pending[index]
+            if not finishes[index]:
+                continue  # never done: finish() ends it
+        events.append((index, item))
+    return plan, events, all(finishes.values()) and len(started) == len(order)
 
 
-@settings(max_examples=300, deadline=None)
-@given(runs(), st.sampled_from([0.3, 0.5, 0.7]))
-def test_streaming_equals_merge_and_never_takes_back(
-    run: tuple[TilingPlan, list[tuple[int, list[DetectionModel]]], bool], threshold: float
-) -> None:
-    plan, tiles, _complete = run
-    merger = StreamingMerger(plan, iou_threshold=threshold)
+def replay(merger: StreamingMerger, events: list[Event]) -> list[DetectionModel]:
     streamed: list[DetectionModel] = []
-    for index, detections in tiles:
-        streamed += merger.add(index, detections)
+    for index, detection in events:
+        streamed += merger.tile_done(index) if detection is None else merger.add(index, detection)
+    return streamed
+
+
+@settings(max_examples=400, deadline=None)
+@given(runs(), st.sampled_from([0.3, 0.5, 0.7]))
+def test_streaming_equals_merge_and_never_takes_back(run: tuple[TilingPlan, list[Event], bool], threshold: float) -> None:
+    plan, events, _complete = run
+    merger = StreamingMerger(plan, iou_threshold=threshold)
+    streamed = replay(merger, events)
     rest = merger.finish()
     # Everything streamed is in the final answer, once; the answer is exactly what streamed plus the rest.
-    inputs = [(index, d) for index, detections in tiles for d in detections]
+    inputs = [(index, d) for index, d in events if d is not None]
     expected = merge(inputs, plan, iou_threshold=threshold)
     assert Counter(map(key, streamed + rest)) == Counter(map(key, expected))
     assert len(streamed + rest) == len(expected)
@@ -205,13 +248,10 @@ def test_streaming_equals_merge_and_never_takes_back(
 
 @settings(max_examples=150, deadline=None)
 @given(runs())
-def test_everything_streams_before_finish_once_all_tiles_arrived(
-    run: tuple[TilingPlan, list[tuple[int, list[DetectionModel]]], bool],
-) -> None:
-    plan, tiles, complete = run
+def test_everything_streams_before_finish_once_all_tiles_are_done(run: tuple[TilingPlan, list[Event], bool]) -> None:
+    plan, events, complete = run
     merger = StreamingMerger(plan)
-    for index, detections in tiles:
-        merger.add(index, detections)
+    replay(merger, events)
     rest = merger.finish()
     if complete:
         assert rest == []
