@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from rexomni_server.tasks import KEYPOINT_SETS, Task
-from rexomni_server.vocabulary import FinishReason
+from rexomni_server.vocabulary import PATCH_SIDE, FinishReason
 
 # Every limit below is declared where pydantic enforces it while parsing, so hostile input is
 # refused after at most limit + 1 items instead of after validating (and cleaning) all of them.
@@ -34,6 +34,12 @@ MAX_CATEGORIES_STRING_CHARS = MAX_CATEGORY_ENTRIES * (MAX_CATEGORY_CHARS + 1)
 MAX_VISUAL_PROMPT_BOXES = 64
 # A 400-box answer is about 25k characters; no generation budget needs ten times that.
 MAX_FORCED_OUTPUT_CHARS = 262_144
+# Per-tile forced outputs: one per tile of a tiled request (the server's max_tiles grid tiles and
+# the whole-image pass); the server refuses a list whose length is not its plan's tile count.
+MAX_FORCED_TILE_OUTPUTS = 1025
+DEFAULT_TILE_OVERLAP = 0.2
+MAX_TILE_OVERLAP = 0.5
+DEFAULT_MERGE_IOU = 0.5
 # Every HTTP response carries the request's id in this header (the client's own, if it sent one).
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -106,6 +112,47 @@ DetectionModel = Annotated[
 
 
 # ---- requests -------------------------------------------------------------------------------
+class TilingOptions(_Strict):
+    """Tiled detection for large images: overlapping tiles, each run at (close to) native
+    resolution as an engine request of its own, merged back into one answer (README: Tiling)."""
+
+    tile_size: int | None = Field(
+        default=None,
+        ge=PATCH_SIDE,
+        description="Square tile side in original-image pixels. Default (auto): the fewest tiles that "
+        "each fit max_pixels, so the model sees them pixel for pixel.",
+    )
+    overlap: float = Field(
+        default=DEFAULT_TILE_OVERLAP,
+        ge=0.0,
+        le=MAX_TILE_OVERLAP,
+        description="Least share of a tile's side that adjacent tiles overlap (objects cut by one tile "
+        "are whole in the next when smaller than the overlap).",
+    )
+    whole_image: bool = Field(
+        default=True,
+        description="Also run the whole image (resized as without tiling), for objects larger than a "
+        "tile and objects cut by tile edges.",
+    )
+    iou_threshold: float = Field(
+        default=DEFAULT_MERGE_IOU,
+        gt=0.0,
+        le=1.0,
+        description="Two detections of one label from different tiles are one object at this IoU "
+        "of their boxes or more.",
+    )
+
+
+def _auto_tiling(value: object) -> object:
+    if value == "auto":
+        return {}
+    if value is None or isinstance(value, dict | TilingOptions):
+        return value
+    raise PydanticCustomError(
+        "tiling", 'tiling is "auto", or an object with tile_size, overlap, whole_image and iou_threshold'
+    )
+
+
 class DetectOptions(_Strict):
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="Generation budget; default and ceiling set by the server."
@@ -138,11 +185,23 @@ class DetectOptions(_Strict):
         "users); equal priorities run in arrival order. Honoured by the vLLM engine when the server "
         "schedules by priority (REXOMNI_VLLM_SCHEDULING_POLICY=priority); refused elsewhere unless 0.",
     )
-    forced_output: str | None = Field(
+    tiling: Annotated[TilingOptions | None, BeforeValidator(_auto_tiling)] = Field(
         default=None,
-        max_length=MAX_FORCED_OUTPUT_CHARS,
-        description="Testing/benchmarking only: the raw output the model is forced to write. "
-        "Rejected unless the server enables forced outputs.",
+        description='Tiled detection for images larger than max_pixels: "auto", or tile_size, overlap, '
+        "whole_image and iou_threshold. Off by default; refused for GUI tasks and visual prompting.",
+    )
+    forced_output: (
+        Annotated[str, Field(max_length=MAX_FORCED_OUTPUT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_FORCED_OUTPUT_CHARS)]],
+            Field(min_length=1, max_length=MAX_FORCED_TILE_OUTPUTS),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="Testing/benchmarking only: the raw output the model is forced to write (with "
+        "tiling: for every tile, or a list with one per tile, grid tiles row by row then the "
+        "whole-image pass). Rejected unless the server enables forced outputs.",
     )
 
 
@@ -243,6 +302,18 @@ class ImageInfo(_Answer):
     resized_height: int
 
 
+class TileInfo(_Answer):
+    """One tile of a tiled request: the pixels [x0, x1) x [y0, y1) of the original image."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    whole: bool = Field(default=False, description="The whole-image pass.")
+    resized_width: int = Field(description="Width of the tile as the model saw it.")
+    resized_height: int
+
+
 class Usage(_Answer):
     prompt_tokens: int
     completion_tokens: int
@@ -270,9 +341,14 @@ class DetectResult(_Answer):
     )
     skipped: int = Field(description="Unparseable pieces of the output that were ignored.")
     duplicates: int = Field(default=0, description="Exact repeats of earlier detections, dropped.")
-    usage: Usage
+    usage: Usage = Field(description="Tokens of every engine request (every tile, every category) summed.")
     timings: Timings
-    raw_output: str | None = None
+    raw_output: str | None = Field(
+        default=None,
+        description="The model's text; with fan-out or tiling each engine request's, joined by ', ' "
+        "(tiles in their own coordinates).",
+    )
+    tiles: list[TileInfo] | None = Field(default=None, description="The tiles of a tiled request, else null.")
 
 
 class ErrorBody(_Answer):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from rexomni_server.schemas import (
+    DEFAULT_TILE_OVERLAP,
     BoxDetection,
     DetectionModel,
     KeypointsDetection,
@@ -30,7 +31,6 @@ from rexomni_server.schemas import (
 )
 from rexomni_server.vocabulary import PATCH_SIDE, PIXEL_UNIT
 
-DEFAULT_OVERLAP_FRACTION = 0.2
 DEFAULT_MAX_TILES = 64  # grid tiles; the whole-image pass is not counted
 ASPECT_LIMIT = 4.0  # plan_auto's tiles follow the image's aspect up to this ratio
 ASPECT_WEIGHT = 0.5  # plan_auto: cost of a tile aspect away from the image's (or square), per log unit
@@ -191,7 +191,7 @@ def plan_auto(
     width: int,
     height: int,
     max_pixels: int,
-    overlap_fraction: float = DEFAULT_OVERLAP_FRACTION,
+    overlap_fraction: float = DEFAULT_TILE_OVERLAP,
     whole_pass: bool = True,
     max_tiles: int = DEFAULT_MAX_TILES,
 ) -> TilingPlan:
