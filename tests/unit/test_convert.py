@@ -9,14 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
+from rexomni_server.errors import InvalidRequest
 from rexomni_server.parsing import Detection
 from rexomni_server.schemas import (
     MAX_CATEGORIES,
     MAX_CATEGORY_ENTRIES,
+    MAX_FORCED_TILE_OUTPUTS,
     MAX_VISUAL_PROMPT_BOXES,
     DetectOptions,
     DetectParams,
     DetectResult,
+    TilingOptions,
 )
 from rexomni_server.tasks import Geometry, Task
 from rexomni_server.tracking import to_schema
@@ -29,6 +32,7 @@ from rexomni_server.transport.convert import (
     result_to_pb,
     task_from_pb,
 )
+from rexomni_server.transport.grpc import decode_request
 
 floats = st.floats(min_value=0, max_value=10_000, allow_nan=False)
 xy = st.tuples(floats, floats)
@@ -79,6 +83,7 @@ def test_params_round_trip(task: Task) -> None:
                 "fan_out": True,
                 "scores": False,
                 "priority": -5,
+                "tiling": {"tile_size": 1024, "overlap": 0.3, "whole_image": False, "iou_threshold": 0.65},
             },
         }
     )
@@ -100,6 +105,46 @@ def test_unset_options_stay_unset_and_unspecified_task_is_detection() -> None:
         task_from_pb(99)
 
 
+def test_tiling_auto_and_a_bare_tiling_message_are_the_defaults() -> None:
+    params = DetectParams.model_validate({"categories": ["a"], "options": {"tiling": "auto"}})
+    message = params_to_pb(params, b"")
+    assert message.options.HasField("tiling") and message.options.tiling.tile_size == 0  # 0: auto
+    back, _ = params_from_pb(message)
+    assert back == params and back.options.tiling == TilingOptions()
+    # Presence alone turns tiling on; every field left out takes the schema's default.
+    bare = pb.DetectRequest(categories=["a"], options=pb.DetectOptions(tiling=pb.Tiling()))
+    assert params_from_pb(bare)[0].options.tiling == TilingOptions()
+    # Absent: off.
+    assert params_from_pb(pb.DetectRequest(categories=["a"]))[0].options.tiling is None
+
+
+def test_a_tile_size_the_schema_refuses_is_refused_over_grpc_too() -> None:
+    request = pb.DetectRequest(categories=["a"], options=pb.DetectOptions(tiling=pb.Tiling(tile_size=3)))
+    with pytest.raises(InvalidRequest, match=r"options\.tiling\.tile_size"):
+        decode_request(request.SerializeToString())
+
+
+def test_forced_outputs_per_tile_round_trip_as_their_own_field() -> None:
+    params = DetectParams.model_validate(
+        {"categories": ["a"], "options": {"tiling": {"tile_size": 512}, "forced_output": ["one", "", "three"]}}
+    )
+    message = params_to_pb(params, b"")
+    assert list(message.options.forced_tile_outputs) == ["one", "", "three"]
+    assert not message.options.HasField("forced_output")
+    back, _ = params_from_pb(message)
+    assert back == params and back.options.forced_output == ["one", "", "three"]
+
+
+def test_forced_output_and_forced_tile_outputs_together_are_refused() -> None:
+    options = pb.DetectOptions(forced_output="x", forced_tile_outputs=["a"], tiling=pb.Tiling())
+    request = pb.DetectRequest(categories=["a"], options=options)
+    with pytest.raises(ValueError, match="set forced_output or forced_tile_outputs, not both"):
+        params_from_pb(request)
+    # The gRPC transport answers it as any other bad request (INVALID_ARGUMENT).
+    with pytest.raises(InvalidRequest, match="not both"):
+        decode_request(request.SerializeToString())
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -110,6 +155,10 @@ def test_unset_options_stay_unset_and_unspecified_task_is_detection() -> None:
                 "visual_prompt_boxes": [pb.Box(x0=0, y0=0, x1=1, y1=1)] * (MAX_VISUAL_PROMPT_BOXES + 1),
             },
             f"visual_prompt_boxes: at most {MAX_VISUAL_PROMPT_BOXES} items",
+        ),
+        (
+            {"options": pb.DetectOptions(forced_tile_outputs=["x"] * (MAX_FORCED_TILE_OUTPUTS + 1))},
+            f"options.forced_tile_outputs: at most {MAX_FORCED_TILE_OUTPUTS} items",
         ),
     ],
 )
@@ -131,11 +180,35 @@ def test_repeated_fields_at_their_limits_are_accepted() -> None:
     boxes = [pb.Box(x0=0, y0=0, x1=1, y1=1)] * MAX_VISUAL_PROMPT_BOXES
     params, _ = params_from_pb(pb.DetectRequest(task=pb.TASK_VISUAL_PROMPTING, visual_prompt_boxes=boxes))
     assert len(params.visual_prompt_boxes or []) == MAX_VISUAL_PROMPT_BOXES
+    options = pb.DetectOptions(tiling=pb.Tiling(), forced_tile_outputs=["x"] * MAX_FORCED_TILE_OUTPUTS)
+    params, _ = params_from_pb(pb.DetectRequest(categories=["a"], options=options))
+    assert len(params.options.forced_output or []) == MAX_FORCED_TILE_OUTPUTS
+
+
+pixels = st.integers(min_value=0, max_value=100_000)
+tiles = st.fixed_dictionaries(
+    {
+        "x0": pixels,
+        "y0": pixels,
+        "x1": pixels,
+        "y1": pixels,
+        "whole": st.booleans(),
+        "resized_width": pixels,
+        "resized_height": pixels,
+    }
+)
 
 
 @settings(max_examples=50, deadline=None)
-@given(dets=st.lists(detections(), max_size=5), first=st.none() | floats, raw=st.none() | st.text(max_size=30))
-def test_result_round_trip(dets: list[Detection], first: float | None, raw: str | None) -> None:
+@given(
+    dets=st.lists(detections(), max_size=5),
+    first=st.none() | floats,
+    raw=st.none() | st.text(max_size=30),
+    plan=st.none() | st.lists(tiles, max_size=4),
+)
+def test_result_round_trip(
+    dets: list[Detection], first: float | None, raw: str | None, plan: list[dict[str, Any]] | None
+) -> None:
     result = DetectResult.model_validate(
         {
             "request_id": "rid",
@@ -150,6 +223,10 @@ def test_result_round_trip(dets: list[Detection], first: float | None, raw: str 
             "usage": {"prompt_tokens": 5, "completion_tokens": 9},
             "timings": {"queue_ms": 1.5, "first_detection_ms": first, "total_ms": 30.25},
             "raw_output": raw,
+            "tiles": plan,
         }
     )
-    assert result_from_pb(result_to_pb(result)) == result
+    message = result_to_pb(result)
+    # Not tiled (null) and tiled into an empty plan are told apart.
+    assert message.tiled == (plan is not None)
+    assert result_from_pb(message) == result

@@ -3,11 +3,13 @@ truth; these functions only translate."""
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Any
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server.schemas import (
     MAX_CATEGORY_ENTRIES,
+    MAX_FORCED_TILE_OUTPUTS,
     MAX_VISUAL_PROMPT_BOXES,
     BoxDetection,
     DetectionModel,
@@ -17,14 +19,20 @@ from rexomni_server.schemas import (
     KeypointsDetection,
     PointDetection,
     PolygonDetection,
+    TileInfo,
+    TilingOptions,
     Timings,
     Usage,
 )
 from rexomni_server.tasks import Task
 
-# The schema's limits on repeated fields, checked on the message before any Python list (or
-# pydantic model) is built from an over-long one.
-_REPEATED_LIMITS = {"categories": MAX_CATEGORY_ENTRIES, "visual_prompt_boxes": MAX_VISUAL_PROMPT_BOXES}
+# The schema's limits on repeated fields (by their path in DetectRequest), checked on the message
+# before any Python list (or pydantic model) is built from an over-long one.
+_REPEATED_LIMITS = {
+    "categories": MAX_CATEGORY_ENTRIES,
+    "visual_prompt_boxes": MAX_VISUAL_PROMPT_BOXES,
+    "options.forced_tile_outputs": MAX_FORCED_TILE_OUTPUTS,
+}
 
 _TASK_TO_PB = {task: pb.Task.Value(f"TASK_{task.value.upper()}") for task in Task}
 _PB_TO_TASK = {value: task for task, value in _TASK_TO_PB.items()}
@@ -60,9 +68,15 @@ def params_to_pb(params: DetectParams, image: bytes) -> Any:
         scores=o.scores,
         priority=o.priority,
     )
-    for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output", "max_detections", "fan_out"):
+    for name in ("max_new_tokens", "min_pixels", "max_pixels", "max_detections", "fan_out"):
         if getattr(o, name) is not None:
             setattr(options, name, getattr(o, name))
+    if isinstance(o.forced_output, list):
+        options.forced_tile_outputs.extend(o.forced_output)
+    elif o.forced_output is not None:
+        options.forced_output = o.forced_output
+    if o.tiling is not None:
+        options.tiling.CopyFrom(_tiling_to_pb(o.tiling))
     return pb.DetectRequest(
         image=image,
         task=task_to_pb(params.task),
@@ -73,9 +87,32 @@ def params_to_pb(params: DetectParams, image: bytes) -> Any:
     )
 
 
+def _tiling_to_pb(t: TilingOptions) -> Any:
+    return pb.Tiling(
+        tile_size=t.tile_size or 0, overlap=t.overlap, whole_image=t.whole_image, iou_threshold=t.iou_threshold
+    )
+
+
+def _tiling_from_pb(t: Any) -> dict[str, Any]:
+    """The fields the message sets; the schema fills in the defaults of the others."""
+    tiling: dict[str, Any] = {"tile_size": t.tile_size or None}
+    for name in ("overlap", "whole_image", "iou_threshold"):
+        if t.HasField(name):
+            tiling[name] = getattr(t, name)
+    return tiling
+
+
+def _forced_from_pb(o: Any) -> str | list[str] | None:
+    if o.forced_tile_outputs:
+        if o.HasField("forced_output"):
+            raise ValueError("set forced_output or forced_tile_outputs, not both")
+        return list(o.forced_tile_outputs)
+    return o.forced_output if o.HasField("forced_output") else None
+
+
 def _check_repeated_lengths(request: Any) -> None:
     for name, limit in _REPEATED_LIMITS.items():
-        count = len(getattr(request, name))
+        count = len(reduce(getattr, name.split("."), request))
         if count > limit:
             raise ValueError(f"{name}: at most {limit} items, not {count}")
 
@@ -90,12 +127,13 @@ def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
         min_pixels=o.min_pixels if o.HasField("min_pixels") else None,
         max_pixels=o.max_pixels if o.HasField("max_pixels") else None,
         return_raw_output=o.return_raw_output,
-        forced_output=o.forced_output if o.HasField("forced_output") else None,
+        forced_output=_forced_from_pb(o),
         max_detections=o.max_detections if o.HasField("max_detections") else None,
         stop_on_repetition=o.stop_on_repetition if o.HasField("stop_on_repetition") else True,
         fan_out=o.fan_out if o.HasField("fan_out") else None,
         scores=o.scores if o.HasField("scores") else True,
         priority=o.priority,
+        tiling=_tiling_from_pb(o.tiling) if o.HasField("tiling") else None,
     )
     params = DetectParams.model_validate(
         {
@@ -163,7 +201,22 @@ def result_to_pb(r: DetectResult) -> Any:
         out.timings.first_detection_ms = r.timings.first_detection_ms
     if r.raw_output is not None:
         out.raw_output = r.raw_output
+    if r.tiles is not None:
+        out.tiled = True
+        out.tiles.extend(pb.TileInfo(**tile.model_dump()) for tile in r.tiles)
     return out
+
+
+def _tile_from_pb(t: Any) -> TileInfo:
+    return TileInfo(
+        x0=t.x0,
+        y0=t.y0,
+        x1=t.x1,
+        y1=t.y1,
+        whole=t.whole,
+        resized_width=t.resized_width,
+        resized_height=t.resized_height,
+    )
 
 
 def result_from_pb(r: Any) -> DetectResult:
@@ -189,4 +242,5 @@ def result_from_pb(r: Any) -> DetectResult:
             total_ms=r.timings.total_ms,
         ),
         raw_output=r.raw_output if r.HasField("raw_output") else None,
+        tiles=[_tile_from_pb(t) for t in r.tiles] if r.tiled else None,
     )

@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rexomni/v1/detector.proto\x12\nrexomni.v1\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\"\x94\x03\n\rDetectOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x19\n\x11return_raw_output\x18\x04 \x01(\x08\x12\x1a\n\rforced_output\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x1f\n\x12stop_on_repetition\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x14\n\x07\x66\x61n_out\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12\x13\n\x06scores\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x10\n\x08priority\x18\n \x01(\x05\x42\x11\n\x0f_max_new_tokensB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixelsB\x10\n\x0e_forced_outputB\x11\n\x0f_max_detectionsB\x15\n\x13_stop_on_repetitionB\n\n\x08_fan_outB\t\n\x07_scores\"\xc3\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.rexomni.v1.Task\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x15\n\rkeypoint_type\x18\x04 \x01(\t\x12,\n\x13visual_prompt_boxes\x18\x05 \x03(\x0b\x32\x0f.rexomni.v1.Box\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.rexomni.v1.DetectOptions\",\n\x07Polygon\x12!\n\x06points\x18\x01 \x03(\x0b\x32\x11.rexomni.v1.Point\"I\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05point\x18\x02 \x01(\x0b\x32\x11.rexomni.v1.PointH\x00\x88\x01\x01\x42\x08\n\x06_point\"R\n\tKeypoints\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.rexomni.v1.Box\x12\'\n\tkeypoints\x18\x02 \x03(\x0b\x32\x14.rexomni.v1.Keypoint\"\xdc\x01\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0f.rexomni.v1.BoxH\x00\x12\"\n\x05point\x18\x04 \x01(\x0b\x32\x11.rexomni.v1.PointH\x00\x12&\n\x07polygon\x18\x05 \x01(\x0b\x32\x13.rexomni.v1.PolygonH\x00\x12*\n\tkeypoints\x18\x06 \x01(\x0b\x32\x15.rexomni.v1.KeypointsH\x00\x42\n\n\x08geometryB\x08\n\x06_score\"Y\n\tImageInfo\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x15\n\rresized_width\x18\x03 \x01(\r\x12\x16\n\x0eresized_height\x18\x04 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"e\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1f\n\x12\x66irst_detection_ms\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x42\x15\n\x13_first_detection_ms\"\xe3\x02\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1e\n\x04task\x18\x03 \x01(\x0e\x32\x10.rexomni.v1.Task\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.rexomni.v1.Detection\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x15.rexomni.v1.ImageInfo\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x0f\n\x07skipped\x18\x08 \x01(\r\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.rexomni.v1.Usage\x12$\n\x07timings\x18\n \x01(\x0b\x32\x13.rexomni.v1.Timings\x12\x17\n\nraw_output\x18\x0b \x01(\tH\x00\x88\x01\x01\x12\x12\n\nduplicates\x18\x0c \x01(\rB\r\n\x0b_raw_output\"]\n\x0e\x44\x65tectionEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\tdetection\x18\x02 \x01(\x0b\x32\x15.rexomni.v1.Detection\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"s\n\x0b\x44\x65tectEvent\x12/\n\tdetection\x18\x01 \x01(\x0b\x32\x1a.rexomni.v1.DetectionEventH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.rexomni.v1.DetectResponseH\x00\x42\x07\n\x05\x65vent*\xc8\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_DETECTION\x10\x01\x12\x11\n\rTASK_POINTING\x10\x02\x12\x19\n\x15TASK_VISUAL_PROMPTING\x10\x03\x12\x11\n\rTASK_KEYPOINT\x10\x04\x12\x10\n\x0cTASK_OCR_BOX\x10\x05\x12\x14\n\x10TASK_OCR_POLYGON\x10\x06\x12\x16\n\x12TASK_GUI_GROUNDING\x10\x07\x12\x15\n\x11TASK_GUI_POINTING\x10\x08\x32\x91\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.rexomni.v1.DetectRequest\x1a\x1a.rexomni.v1.DetectResponse\x12\x44\n\x0c\x44\x65tectStream\x12\x19.rexomni.v1.DetectRequest\x1a\x17.rexomni.v1.DetectEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rexomni/v1/detector.proto\x12\nrexomni.v1\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\"\xe5\x03\n\rDetectOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x19\n\x11return_raw_output\x18\x04 \x01(\x08\x12\x1a\n\rforced_output\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x1f\n\x12stop_on_repetition\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x14\n\x07\x66\x61n_out\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12\x13\n\x06scores\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x10\n\x08priority\x18\n \x01(\x05\x12\'\n\x06tiling\x18\x0b \x01(\x0b\x32\x12.rexomni.v1.TilingH\x08\x88\x01\x01\x12\x1b\n\x13\x66orced_tile_outputs\x18\x0c \x03(\tB\x11\n\x0f_max_new_tokensB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixelsB\x10\n\x0e_forced_outputB\x11\n\x0f_max_detectionsB\x15\n\x13_stop_on_repetitionB\n\n\x08_fan_outB\t\n\x07_scoresB\t\n\x07_tiling\"\x95\x01\n\x06Tiling\x12\x11\n\ttile_size\x18\x01 \x01(\r\x12\x14\n\x07overlap\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bwhole_image\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\n\n\x08_overlapB\x0e\n\x0c_whole_imageB\x10\n\x0e_iou_threshold\"\xc3\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.rexomni.v1.Task\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x15\n\rkeypoint_type\x18\x04 \x01(\t\x12,\n\x13visual_prompt_boxes\x18\x05 \x03(\x0b\x32\x0f.rexomni.v1.Box\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.rexomni.v1.DetectOptions\",\n\x07Polygon\x12!\n\x06points\x18\x01 \x03(\x0b\x32\x11.rexomni.v1.Point\"I\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05point\x18\x02 \x01(\x0b\x32\x11.rexomni.v1.PointH\x00\x88\x01\x01\x42\x08\n\x06_point\"R\n\tKeypoints\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.rexomni.v1.Box\x12\'\n\tkeypoints\x18\x02 \x03(\x0b\x32\x14.rexomni.v1.Keypoint\"\xdc\x01\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0f.rexomni.v1.BoxH\x00\x12\"\n\x05point\x18\x04 \x01(\x0b\x32\x11.rexomni.v1.PointH\x00\x12&\n\x07polygon\x18\x05 \x01(\x0b\x32\x13.rexomni.v1.PolygonH\x00\x12*\n\tkeypoints\x18\x06 \x01(\x0b\x32\x15.rexomni.v1.KeypointsH\x00\x42\n\n\x08geometryB\x08\n\x06_score\"Y\n\tImageInfo\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x15\n\rresized_width\x18\x03 \x01(\r\x12\x16\n\x0eresized_height\x18\x04 \x01(\r\"x\n\x08TileInfo\x12\n\n\x02x0\x18\x01 \x01(\r\x12\n\n\x02y0\x18\x02 \x01(\r\x12\n\n\x02x1\x18\x03 \x01(\r\x12\n\n\x02y1\x18\x04 \x01(\r\x12\r\n\x05whole\x18\x05 \x01(\x08\x12\x15\n\rresized_width\x18\x06 \x01(\r\x12\x16\n\x0eresized_height\x18\x07 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"e\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1f\n\x12\x66irst_detection_ms\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x42\x15\n\x13_first_detection_ms\"\x97\x03\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1e\n\x04task\x18\x03 \x01(\x0e\x32\x10.rexomni.v1.Task\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.rexomni.v1.Detection\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x15.rexomni.v1.ImageInfo\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x0f\n\x07skipped\x18\x08 \x01(\r\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.rexomni.v1.Usage\x12$\n\x07timings\x18\n \x01(\x0b\x32\x13.rexomni.v1.Timings\x12\x17\n\nraw_output\x18\x0b \x01(\tH\x00\x88\x01\x01\x12\x12\n\nduplicates\x18\x0c \x01(\r\x12#\n\x05tiles\x18\r \x03(\x0b\x32\x14.rexomni.v1.TileInfo\x12\r\n\x05tiled\x18\x0e \x01(\x08\x42\r\n\x0b_raw_output\"]\n\x0e\x44\x65tectionEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\tdetection\x18\x02 \x01(\x0b\x32\x15.rexomni.v1.Detection\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"s\n\x0b\x44\x65tectEvent\x12/\n\tdetection\x18\x01 \x01(\x0b\x32\x1a.rexomni.v1.DetectionEventH\x00\x12*\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1a.rexomni.v1.DetectResponseH\x00\x42\x07\n\x05\x65vent*\xc8\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_DETECTION\x10\x01\x12\x11\n\rTASK_POINTING\x10\x02\x12\x19\n\x15TASK_VISUAL_PROMPTING\x10\x03\x12\x11\n\rTASK_KEYPOINT\x10\x04\x12\x10\n\x0cTASK_OCR_BOX\x10\x05\x12\x14\n\x10TASK_OCR_POLYGON\x10\x06\x12\x16\n\x12TASK_GUI_GROUNDING\x10\x07\x12\x15\n\x11TASK_GUI_POINTING\x10\x08\x32\x91\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.rexomni.v1.DetectRequest\x1a\x1a.rexomni.v1.DetectResponse\x12\x44\n\x0c\x44\x65tectStream\x12\x19.rexomni.v1.DetectRequest\x1a\x17.rexomni.v1.DetectEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rexomni.v1.detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=1984
-  _globals['_TASK']._serialized_end=2184
+  _globals['_TASK']._serialized_start=2391
+  _globals['_TASK']._serialized_end=2591
   _globals['_BOX']._serialized_start=41
   _globals['_BOX']._serialized_end=94
   _globals['_POINT']._serialized_start=96
   _globals['_POINT']._serialized_end=125
   _globals['_DETECTOPTIONS']._serialized_start=128
-  _globals['_DETECTOPTIONS']._serialized_end=532
-  _globals['_DETECTREQUEST']._serialized_start=535
-  _globals['_DETECTREQUEST']._serialized_end=730
-  _globals['_POLYGON']._serialized_start=732
-  _globals['_POLYGON']._serialized_end=776
-  _globals['_KEYPOINT']._serialized_start=778
-  _globals['_KEYPOINT']._serialized_end=851
-  _globals['_KEYPOINTS']._serialized_start=853
-  _globals['_KEYPOINTS']._serialized_end=935
-  _globals['_DETECTION']._serialized_start=938
-  _globals['_DETECTION']._serialized_end=1158
-  _globals['_IMAGEINFO']._serialized_start=1160
-  _globals['_IMAGEINFO']._serialized_end=1249
-  _globals['_USAGE']._serialized_start=1251
-  _globals['_USAGE']._serialized_end=1308
-  _globals['_TIMINGS']._serialized_start=1310
-  _globals['_TIMINGS']._serialized_end=1411
-  _globals['_DETECTRESPONSE']._serialized_start=1414
-  _globals['_DETECTRESPONSE']._serialized_end=1769
-  _globals['_DETECTIONEVENT']._serialized_start=1771
-  _globals['_DETECTIONEVENT']._serialized_end=1864
-  _globals['_DETECTEVENT']._serialized_start=1866
-  _globals['_DETECTEVENT']._serialized_end=1981
-  _globals['_DETECTOR']._serialized_start=2187
-  _globals['_DETECTOR']._serialized_end=2332
+  _globals['_DETECTOPTIONS']._serialized_end=613
+  _globals['_TILING']._serialized_start=616
+  _globals['_TILING']._serialized_end=765
+  _globals['_DETECTREQUEST']._serialized_start=768
+  _globals['_DETECTREQUEST']._serialized_end=963
+  _globals['_POLYGON']._serialized_start=965
+  _globals['_POLYGON']._serialized_end=1009
+  _globals['_KEYPOINT']._serialized_start=1011
+  _globals['_KEYPOINT']._serialized_end=1084
+  _globals['_KEYPOINTS']._serialized_start=1086
+  _globals['_KEYPOINTS']._serialized_end=1168
+  _globals['_DETECTION']._serialized_start=1171
+  _globals['_DETECTION']._serialized_end=1391
+  _globals['_IMAGEINFO']._serialized_start=1393
+  _globals['_IMAGEINFO']._serialized_end=1482
+  _globals['_TILEINFO']._serialized_start=1484
+  _globals['_TILEINFO']._serialized_end=1604
+  _globals['_USAGE']._serialized_start=1606
+  _globals['_USAGE']._serialized_end=1663
+  _globals['_TIMINGS']._serialized_start=1665
+  _globals['_TIMINGS']._serialized_end=1766
+  _globals['_DETECTRESPONSE']._serialized_start=1769
+  _globals['_DETECTRESPONSE']._serialized_end=2176
+  _globals['_DETECTIONEVENT']._serialized_start=2178
+  _globals['_DETECTIONEVENT']._serialized_end=2271
+  _globals['_DETECTEVENT']._serialized_start=2273
+  _globals['_DETECTEVENT']._serialized_end=2388
+  _globals['_DETECTOR']._serialized_start=2594
+  _globals['_DETECTOR']._serialized_end=2739
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
-    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output", "max_detections", "stop_on_repetition", "fan_out", "scores", "priority")
+    __slots__ = ("max_new_tokens", "min_pixels", "max_pixels", "return_raw_output", "forced_output", "max_detections", "stop_on_repetition", "fan_out", "scores", "priority", "tiling", "forced_tile_outputs")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class DetectOptions(_message.Message):
     FAN_OUT_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
+    FORCED_TILE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_pixels: int
     max_pixels: int
@@ -70,7 +72,21 @@ class DetectOptions(_message.Message):
     fan_out: bool
     scores: bool
     priority: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ..., max_detections: _Optional[int] = ..., stop_on_repetition: _Optional[bool] = ..., fan_out: _Optional[bool] = ..., scores: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
+    tiling: Tiling
+    forced_tile_outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ..., return_raw_output: _Optional[bool] = ..., forced_output: _Optional[str] = ..., max_detections: _Optional[int] = ..., stop_on_repetition: _Optional[bool] = ..., fan_out: _Optional[bool] = ..., scores: _Optional[bool] = ..., priority: _Optional[int] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., forced_tile_outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Tiling(_message.Message):
+    __slots__ = ("tile_size", "overlap", "whole_image", "iou_threshold")
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    tile_size: int
+    overlap: float
+    whole_image: bool
+    iou_threshold: float
+    def __init__(self, tile_size: _Optional[int] = ..., overlap: _Optional[float] = ..., whole_image: _Optional[bool] = ..., iou_threshold: _Optional[float] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
     __slots__ = ("image", "task", "categories", "keypoint_type", "visual_prompt_boxes", "options")
@@ -138,6 +154,24 @@ class ImageInfo(_message.Message):
     resized_height: int
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., resized_width: _Optional[int] = ..., resized_height: _Optional[int] = ...) -> None: ...
 
+class TileInfo(_message.Message):
+    __slots__ = ("x0", "y0", "x1", "y1", "whole", "resized_width", "resized_height")
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RESIZED_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    whole: bool
+    resized_width: int
+    resized_height: int
+    def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ..., whole: _Optional[bool] = ..., resized_width: _Optional[int] = ..., resized_height: _Optional[int] = ...) -> None: ...
+
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -157,7 +191,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., first_detection_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("request_id", "model", "task", "detections", "image", "truncated", "finish_reason", "skipped", "usage", "timings", "raw_output", "duplicates")
+    __slots__ = ("request_id", "model", "task", "detections", "image", "truncated", "finish_reason", "skipped", "usage", "timings", "raw_output", "duplicates", "tiles", "tiled")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +204,8 @@ class DetectResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RAW_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    TILED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     task: Task
@@ -182,7 +218,9 @@ class DetectResponse(_message.Message):
     timings: Timings
     raw_output: str
     duplicates: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., truncated: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., skipped: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw_output: _Optional[str] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    tiles: _containers.RepeatedCompositeFieldContainer[TileInfo]
+    tiled: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., truncated: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., skipped: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw_output: _Optional[str] = ..., duplicates: _Optional[int] = ..., tiles: _Optional[_Iterable[_Union[TileInfo, _Mapping]]] = ..., tiled: _Optional[bool] = ...) -> None: ...
 
 class DetectionEvent(_message.Message):
     __slots__ = ("index", "detection", "elapsed_ms")
