@@ -5,6 +5,7 @@ rexomni detect *.jpg --categories person --concurrency 16 > results.jsonl   # ma
 rexomni detect *.jpg --categories person,car --format coco --output coco.json
 rexomni detect *.jpg --categories person --format labelstudio --output tasks.json
 rexomni detect photo.jpg --categories person --stream          # one JSON line per detection
+rexomni detect aerial.jpg --categories car --tiling auto        # a large image, in tiles
 rexomni --grpc 127.0.0.1:50051 detect photo.jpg --categories person --stream
 rexomni evaluate instances_val2017.json --images val2017 --concurrency 32
 """
@@ -31,6 +32,7 @@ from rexomni_client.export import to_coco, to_labelstudio
 from rexomni_client.grpc import AsyncRexOmniGrpcClient, RexOmniGrpcClient
 from rexomni_client.http import AsyncRexOmniClient, RexOmniClient, RexOmniHTTPError, build_params
 from rexomni_client.progress import Progress, add_progress_argument
+from rexomni_client.tiling_option import TilingConflict, add_tiling_argument, with_tiling
 from rexomni_server.schemas import DetectionModel, DetectParams, DetectResult, validation_summary
 
 # json: today's output (one JSON result for one image, one JSON line per image for several);
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--keypoint-type", dest="keypoint_type")
     detect.add_argument("--visual-prompt-boxes", dest="visual_prompt_boxes", help="JSON boxes")
     detect.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    add_tiling_argument(detect)
     detect.add_argument("--raw", action="store_true", help="include the raw model output")
     detect.add_argument("--stream", action="store_true", help="print each detection as it is decoded")
     detect.add_argument("--annotate", metavar="OUT", help="write the image with detections drawn")
@@ -167,6 +170,7 @@ def _request_kwargs(args: argparse.Namespace) -> tuple[dict[str, Any], DetectPar
         kwargs["max_new_tokens"] = args.max_new_tokens
     if args.visual_prompt_boxes:
         kwargs["visual_prompt_boxes"] = json.loads(args.visual_prompt_boxes)
+    kwargs = with_tiling(kwargs, args.tiling)
     params = build_params(args.task, args.categories, **kwargs)  # the server's own validation, before the network
     return kwargs, params
 
@@ -229,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _detect(args: argparse.Namespace) -> int:
     try:
         kwargs, params = _request_kwargs(args)
+    except TilingConflict as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ValidationError as exc:
         print(f"error: bad request: {validation_summary(exc.errors())}", file=sys.stderr)
         return 2

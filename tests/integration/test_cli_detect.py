@@ -8,14 +8,17 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from rexomni_client.cli import main
 from rexomni_client.draw import label_colours
+from rexomni_client.http import RexOmniClient
 from rexomni_server.tasks import KEYPOINT_SETS
-from tests.support import image_bytes
+from tests.support import detect_result, image_bytes
 
 FORCED = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><999><999><|box_end|>"
 OPTIONS = ["--options", json.dumps({"forced_output": FORCED})]
@@ -157,6 +160,27 @@ async def test_output_options_are_checked_before_any_request(
     assert "no such folder" in capsys.readouterr().err
     assert await asyncio.to_thread(main, [*unreachable, "--output", str(tmp_path)]) == 2  # a folder
     assert "error: --output" in capsys.readouterr().err
+
+
+def test_tiling_reaches_the_request_body(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def send(self: RexOmniClient, body: dict[str, Any]) -> httpx.Response:  # the body as posted
+        sent.append(body)
+        return httpx.Response(200, json=detect_result([], 50, 20).model_dump(mode="json"))
+
+    monkeypatch.setattr(RexOmniClient, "_send", send)
+    (path,) = images(tmp_path, 1)
+    args = ["--url", "http://127.0.0.1:9", "detect", path, "--categories", "cat"]
+    assert main([*args, "--tiling", "1024:0.25"]) == 0
+    (body,) = sent
+    assert body["options"]["tiling"] == {"tile_size": 1024, "overlap": 0.25, "whole_image": True, "iou_threshold": 0.5}
+    capsys.readouterr()
+    assert main([*args, "--tiling", "auto", "--options", json.dumps({"tiling": {"tile_size": 512}})]) == 2
+    assert capsys.readouterr().err == "error: --tiling and --options tiling: give one\n"
+    assert len(sent) == 1  # refused before any request
 
 
 async def test_evaluate_shows_its_progress(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from rexomni_client.cli import main
@@ -14,8 +16,8 @@ from rexomni_client.evaluation import DatasetError, EvalSample, Truth, evaluate
 from rexomni_client.evaluation.report import table
 from rexomni_client.evaluation.runner import Query
 from rexomni_client.evaluation.scoring import Metric
-from rexomni_client.http import RexOmniHTTPError
-from rexomni_server.schemas import DetectResult
+from rexomni_client.http import AsyncRexOmniClient, RexOmniHTTPError
+from rexomni_server.schemas import DetectResult, TilingOptions
 from rexomni_server.tasks import Task
 from tests.support import image_bytes
 
@@ -197,6 +199,25 @@ async def test_cli_rejects_bad_options_and_files_before_any_request(
     assert await asyncio.to_thread(main, keypoint) == 2
     assert "without keypoints" in capsys.readouterr().err
     assert predictions.read_text() == '{"id": "1", "detections": []}\n'  # not emptied
+
+
+def test_cli_tiling_reaches_every_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(self: AsyncRexOmniClient, body: dict[str, Any]) -> httpx.Response:  # the body as posted
+        sent.append(body)
+        return httpx.Response(200, json=result([box("cat", 0, 0, W, H)]).model_dump(mode="json"))
+
+    monkeypatch.setattr(AsyncRexOmniClient, "_send", send)
+    args = ["--url", "http://127.0.0.1:9", "evaluate", str(dataset(tmp_path)), "--limit", "2", "--tiling", "auto"]
+    assert main(args) == 0
+    assert len(sent) == 2 and all(body["options"]["tiling"] == TilingOptions().model_dump() for body in sent)
+    capsys.readouterr()
+    assert main([*args, "--options", json.dumps({"tiling": "auto"})]) == 2
+    assert "error: --tiling and --options tiling: give one" in capsys.readouterr().err
+    assert len(sent) == 2  # refused before any request
 
 
 def result(detections: list[dict[str, object]], finish_reason: str = "stop") -> DetectResult:

@@ -4,6 +4,7 @@ rexomni evaluate instances_val2017.json --images val2017 --concurrency 32 --repo
 rexomni evaluate RefCOCOg_val.jsonl --images Rex-Omni-Eval --limit 500
 rexomni evaluate COCO_point.jsonl --images Rex-Omni-Eval --task pointing
 rexomni evaluate FSCD_test.jsonl --images Rex-Omni-Eval --task visual_prompting
+rexomni evaluate aerial.jsonl --images aerial --tiling 1024:0.25   # large images, in tiles
 
 Exit status: 0 when every image was scored; 1 when some failed (the table and --report still
 cover the rest) or the server could not be reached; 2 for bad arguments or data.
@@ -34,6 +35,7 @@ from rexomni_client.evaluation.runner import (
 )
 from rexomni_client.http import AsyncRexOmniClient
 from rexomni_client.progress import Progress, add_progress_argument
+from rexomni_client.tiling_option import TilingConflict, add_tiling_argument, with_tiling
 from rexomni_server.schemas import DetectOptions, DetectResult
 from rexomni_server.tasks import Task
 
@@ -55,6 +57,7 @@ def add_evaluate_parser(sub: Any) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--options", default="{}", help='request options as JSON, e.g. {"max_new_tokens": 2048}')
+    add_tiling_argument(parser)
     parser.add_argument("--predictions", type=Path, help="write one JSON line per image (detections, errors)")
     parser.add_argument(
         "--resume",
@@ -130,6 +133,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options = json.loads(args.options)
         # The server's own validation, before any request.
         DetectOptions(**options)
+        options = with_tiling(options, args.tiling)
         samples = load_dataset(args.annotations, args.images, args.format)
         saved = _saved(args)
     except json.JSONDecodeError as exc:
@@ -137,6 +141,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     except (ValidationError, TypeError) as exc:
         print(f"error: bad --options: {exc}", file=sys.stderr)
+        return 2
+    except TilingConflict as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
