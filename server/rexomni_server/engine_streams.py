@@ -77,7 +77,9 @@ class Deadline:
 
 class EngineStreams:
     """``next()`` gives (engine request index, event) as events arrive, None once every stream
-    has ended; ``stop(i)`` ends one early (its generation is aborted); ``close()`` ends all."""
+    has ended; with several streams also (index, None) when that one ends (a tiled request
+    finishes a tile then). ``stop(i)`` ends one early (its generation is aborted, and no end is
+    reported for it); ``close()`` ends all."""
 
     def __init__(self, engine: Engine, requests: Sequence[EngineRequest], deadline: Deadline) -> None:
         self._deadline = deadline
@@ -102,7 +104,7 @@ class EngineStreams:
     def active(self, index: int) -> bool:
         return index in self._active
 
-    async def next(self) -> tuple[int, EngineEvent] | None:
+    async def next(self) -> tuple[int, EngineEvent | None] | None:
         if self._single is not None:
             # The hot path (once per token): Deadline.wait inlined, the reading task looked up once.
             if not self._active:
@@ -122,12 +124,13 @@ class EngineStreams:
             return 0, event
         while self._active:
             index, item = await self._deadline.wait(self._queue.get())
-            if item is None:
-                self._active.discard(index)
-            elif isinstance(item, BaseException):
+            if isinstance(item, BaseException):
                 raise item
-            else:
-                return index, item
+            if item is None:
+                if index not in self._active:
+                    continue  # stopped already: its end was the caller's own doing
+                self._active.discard(index)
+            return index, item
         return None
 
     def stop(self, index: int) -> None:

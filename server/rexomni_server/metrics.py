@@ -64,11 +64,14 @@ class Metrics:
         self.parse_skipped = Counter(
             "rexomni_parse_skipped", "Unparseable output pieces skipped.", ["task"], registry=r
         )
+        self.tiles = Counter(
+            "rexomni_tiles", "Tiles run by tiled requests (the whole-image pass included).", ["task"], registry=r
+        )
         self.in_flight = Gauge("rexomni_in_flight_requests", "Requests admitted and not finished.", registry=r)
         self.queue_depth = Gauge("rexomni_queue_depth", "Admitted requests not yet generating.", registry=r)
         self.image_pixels = Histogram(
             "rexomni_image_pixels",
-            "Pixels of the resized image the model saw.",
+            "Pixels of each resized image the model saw (each tile of a tiled request).",
             buckets=PIXEL_BUCKETS,
             registry=r,
         )

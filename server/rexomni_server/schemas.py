@@ -190,19 +190,29 @@ class DetectOptions(_Strict):
         description='Tiled detection for images larger than max_pixels: "auto", or tile_size, overlap, '
         "whole_image and iou_threshold. Off by default; refused for GUI tasks and visual prompting.",
     )
-    forced_output: (
-        Annotated[str, Field(max_length=MAX_FORCED_OUTPUT_CHARS)]
-        | Annotated[
+    forced_output: str | None = Field(
+        default=None,
+        max_length=MAX_FORCED_OUTPUT_CHARS,
+        description="Testing/benchmarking only: the raw output the model is forced to write (every "
+        "tile's, when tiled). Rejected unless the server enables forced outputs.",
+    )
+    forced_tile_outputs: (
+        Annotated[
             list[Annotated[str, Field(max_length=MAX_FORCED_OUTPUT_CHARS)]],
             Field(min_length=1, max_length=MAX_FORCED_TILE_OUTPUTS),
         ]
         | None
     ) = Field(
         default=None,
-        description="Testing/benchmarking only: the raw output the model is forced to write (with "
-        "tiling: for every tile, or a list with one per tile, grid tiles row by row then the "
-        "whole-image pass). Rejected unless the server enables forced outputs.",
+        description="Testing/benchmarking only, tiled requests: one forced output per tile (grid tiles "
+        "row by row, then the whole-image pass). Rejected unless the server enables forced outputs.",
     )
+
+    @model_validator(mode="after")
+    def _one_forced_output(self) -> DetectOptions:
+        if self.forced_output is not None and self.forced_tile_outputs is not None:
+            raise ValueError("set forced_output or forced_tile_outputs, not both")
+        return self
 
 
 class DetectParams(_Strict):

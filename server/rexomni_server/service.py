@@ -13,9 +13,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from PIL import Image
 
 from rexomni_server.accounting import INTERNAL, RequestLedger, RequestRecord, recording
 from rexomni_server.engine_streams import Deadline, EngineStreams
@@ -29,12 +31,7 @@ from rexomni_server.errors import (
     Overloaded,
     RexOmniError,
 )
-from rexomni_server.images import (
-    ImageLimits,
-    PreparedImage,
-    decode_base64_image,
-    load_and_prepare,
-)
+from rexomni_server.images import ImageLimits, decode_base64_image, decode_image, prepare_image, smart_resize
 from rexomni_server.metrics import Metrics
 from rexomni_server.prompts import build_task_text, task_text_for
 from rexomni_server.schemas import (
@@ -42,11 +39,14 @@ from rexomni_server.schemas import (
     DetectParams,
     DetectResult,
     ImageInfo,
+    TileInfo,
+    TilingOptions,
     Timings,
     Usage,
 )
 from rexomni_server.settings import Settings
 from rexomni_server.tasks import Task
+from rexomni_server.tiled import TiledImage, TileMerge, check_tiling, cut_tiles, forced_per_region, plan_tiles
 from rexomni_server.tracking import OutputTracker
 from rexomni_server.vocabulary import FINISH_PRECEDENCE, PATCH_SIDE, PIXEL_UNIT, FinishReason
 
@@ -87,10 +87,37 @@ ServiceEvent = AcceptedEvent | DetectionEvent | DoneEvent
 EncodedImage = bytes | str
 
 
-def decode_and_prepare(image: EncodedImage, limits: ImageLimits, min_pixels: int, max_pixels: int) -> PreparedImage:
-    """The whole CPU-side image step of a request (run in the decode pool)."""
+@dataclass(frozen=True)
+class DecodedImage:
+    """A request's image after the decode pool: its size, the size it is seen at untiled, and
+    what its engine requests see (the resized image, or each tile resized)."""
+
+    width: int
+    height: int
+    resized_size: tuple[int, int]
+    inputs: tuple[Image.Image, ...]
+    tiled: TiledImage | None = None
+
+
+def decode_and_prepare(
+    image: EncodedImage,
+    limits: ImageLimits,
+    min_pixels: int,
+    max_pixels: int,
+    tiling: TilingOptions | None,
+    max_tiles: int,
+) -> DecodedImage:
+    """The whole CPU-side image step of a request (run in the decode pool): decode, then resize,
+    or plan the tiles and cut them (the plan needs the image's size)."""
     data = decode_base64_image(image) if isinstance(image, str) else image
-    return load_and_prepare(data, limits, min_pixels, max_pixels)
+    decoded = decode_image(data, limits)
+    if tiling is None:
+        prepared = prepare_image(decoded, min_pixels, max_pixels)
+        return DecodedImage(prepared.width, prepared.height, prepared.resized_size, (prepared.resized,))
+    width, height = decoded.size
+    tiled = cut_tiles(decoded, plan_tiles(width, height, tiling, max_pixels, max_tiles), min_pixels, max_pixels)
+    resized_height, resized_width = smart_resize(height, width, PATCH_SIDE, min_pixels, max_pixels)
+    return DecodedImage(width, height, (resized_width, resized_height), tiled.images, tiled)
 
 
 class _QueueGauge:
@@ -111,36 +138,49 @@ class _QueueGauge:
 @dataclass
 class _Run:
     """One admitted request, from admission to its result: the record (status, timings, the
-    log line), its time budget and queue gauge, then its engine requests (one per category when
-    fanned out) with a tracker each, and what was streamed."""
+    log line), its time budget, admission cost and queue gauge, then its engine requests (one,
+    one per category when fanned out, times the tiles when tiled) with a tracker each, the
+    merge of a tiled run, and what was streamed."""
 
     record: RequestRecord
     params: DetectParams
     deadline: Deadline  # the request's time budget, decoding included
     queue: _QueueGauge
+    cost: int  # engine requests admission counts for it
     image: ImageInfo | None = None
     engine_requests: list[EngineRequest] = field(default_factory=list)
     trackers: list[OutputTracker] = field(default_factory=list)
-    # What was streamed, per engine request: the result is exactly these, in category order.
+    tiles: TileMerge | None = None
+    tile_infos: list[TileInfo] | None = None
+    ended: set[int] = field(default_factory=set)  # engine requests whose output was flushed
+    # What was streamed, per output slot (engine request; a tiled run has one): the result is
+    # exactly these, in slot order (category order when fanned out, stream order when tiled).
     streamed: list[list[DetectionModel]] = field(default_factory=list)
     emitted: int = 0
     stopped: FinishReason | None = None  # the service's own early stop
 
-    def start_generation(self, engine_requests: list[EngineRequest], repetition_limit: int | None) -> None:
-        assert self.image is not None
+    def start_generation(
+        self,
+        engine_requests: list[EngineRequest],
+        sizes: Sequence[tuple[int, int]],
+        repetition_limit: int | None,
+        tiles: TileMerge | None,
+    ) -> None:
+        """``sizes``: the (width, height) each engine request's coordinates refer to."""
         self.engine_requests = engine_requests
-        self.trackers = [
-            OutputTracker(self.params.task, self.image.width, self.image.height, repetition_limit)
-            for _ in engine_requests
-        ]
-        self.streamed = [[] for _ in engine_requests]
+        self.trackers = [OutputTracker(self.params.task, w, h, repetition_limit) for w, h in sizes]
+        self.tiles = tiles
+        self.streamed = [[]] if tiles is not None else [[] for _ in engine_requests]
 
-    def emit(self, index: int, detection: DetectionModel) -> DetectionEvent:
-        """The next detection of engine request ``index``, as the event that streams it."""
+    def slot(self, index: int) -> int:
+        return 0 if self.tiles is not None else index
+
+    def emit(self, slot: int, detection: DetectionModel) -> DetectionEvent:
+        """The next detection of output slot ``slot``, as the event that streams it."""
         now = time.perf_counter()
         if self.record.first_detection is None:
             self.record.first_detection = now
-        self.streamed[index].append(detection)
+        self.streamed[slot].append(detection)
         self.emitted += 1
         return DetectionEvent(self.emitted - 1, detection, self.record.ms_since_arrival(now))
 
@@ -202,7 +242,8 @@ class DetectionService:
             )
 
     def _check_forced(self, params: DetectParams) -> None:
-        if params.options.forced_output is not None and not self.settings.allow_forced_output:
+        options = params.options
+        if (options.forced_output is not None or options.forced_tile_outputs) and not self.settings.allow_forced_output:
             raise InvalidRequest(
                 "options.forced_output is a testing facility and is disabled on this server "
                 "(start it with --allow-forced-output)"
@@ -229,12 +270,14 @@ class DetectionService:
             return params.options.fan_out
         return bool(getattr(self.engine, "concurrent_batching", False))
 
-    def _task_texts(self, params: DetectParams, image_size: tuple[int, int]) -> list[tuple[str, str | None]]:
-        """(task text, forced output) per engine request: one, or one per category when fanned out.
+    def _task_texts(
+        self, params: DetectParams, image_size: tuple[int, int], forced: str | None
+    ) -> list[tuple[str, str | None]]:
+        """(task text, forced output) per engine request of one image (or tile): one, or one per
+        category when fanned out.
 
         A forced output that fans out is split on its phrase groups, each going to the request
         for that category (tests and benchmarks of fan-out need per-category outputs)."""
-        forced = params.options.forced_output
         if not self.fans_out(params):
             return [(task_text_for(params, image_size), forced)]
         per_category = split_forced_by_category(forced, params.categories) if forced is not None else None
@@ -245,7 +288,8 @@ class DetectionService:
 
     # -- admission ----------------------------------------------------------------------------
     def engine_requests_for(self, params: DetectParams) -> int:
-        """The engine requests a request starts: the work admission counts."""
+        """The engine requests a request starts per image or tile: the work admission counts
+        before the image is decoded (a tiled request then reserves the rest, _reserve_tiles)."""
         return len(params.categories) if self.fans_out(params) else 1
 
     def _admit(self, cost: int) -> None:
@@ -267,13 +311,32 @@ class DetectionService:
         if self.decoding >= self.settings.decode_queue:
             raise Overloaded(f"server is decoding {self.decoding} images already", retry_after_s=1.0)
 
+    def _reserve_tiles(self, run: _Run, tiles: int) -> None:
+        """Admission for the rest of a tiled request's work, once its plan is known: every tile
+        starts as many engine requests as the request admitted for one image."""
+        per_image = run.cost
+        total = per_image * tiles
+        limit = self.settings.max_queue
+        if total > limit:
+            raise InvalidRequest(
+                f"this request starts {total} engine requests ({tiles} tiles x {per_image}) and the server "
+                f"admits {limit} at once: use fewer or larger tiles, or fewer categories"
+            )
+        extra = total - per_image
+        if self.engine_requests + extra > limit:
+            raise Overloaded(f"server is at its limit of {limit} engine requests", retry_after_s=1.0)
+        self.engine_requests += extra
+        run.cost = total
+
     async def _prepare_image(
-        self, image: EncodedImage, min_pixels: int, max_pixels: int, deadline: Deadline
-    ) -> PreparedImage:
-        """Decode and resize in the bounded decode pool, within the request's time budget (a
-        request that waited its budget away in the pool's queue is never decoded)."""
+        self, image: EncodedImage, min_pixels: int, max_pixels: int, tiling: TilingOptions | None, deadline: Deadline
+    ) -> DecodedImage:
+        """Decode and resize (or cut into tiles) in the bounded decode pool, within the request's
+        time budget (a request that waited its budget away in the pool's queue is never decoded)."""
         self.decoding += 1
-        work = self._decode_pool.submit(decode_and_prepare, image, self._limits, min_pixels, max_pixels)
+        work = self._decode_pool.submit(
+            decode_and_prepare, image, self._limits, min_pixels, max_pixels, tiling, self.settings.max_tiles
+        )
         try:
             return await deadline.wait(asyncio.wrap_future(work))
         finally:
@@ -343,84 +406,142 @@ class DetectionService:
         self.metrics.in_flight.inc()
         timeout = min(self.settings.request_timeout_s, timeout_s or self.settings.request_timeout_s)
         record.start_deadline(timeout)
-        run = _Run(record, params, Deadline(record.arrived + timeout, timeout), _QueueGauge(self.metrics))
+        run = _Run(record, params, Deadline(record.arrived + timeout, timeout), _QueueGauge(self.metrics), cost)
         try:
             yield run
         finally:
             run.deadline.cancel()
             run.queue.leave()
             self.in_flight -= 1
-            self.engine_requests -= cost
+            self.engine_requests -= run.cost
             self.metrics.in_flight.dec()
 
     async def _prepare(self, run: _Run, image: EncodedImage) -> None:
-        """Options checked, image decoded and resized, engine requests built."""
+        """Options checked, image decoded and resized (or cut into tiles), engine requests built."""
         params = run.params
         sampling = self._sampling(params)
         min_pixels, max_pixels = self._pixel_bounds(params)
         self._check_forced(params)
         self._check_priority(params)
-        prepared = await self._prepare_image(image, min_pixels, max_pixels, run.deadline)
-        # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
-        # asking for no more keeps the transformers engine inside the trained context too.
-        room = self._answer_room(prepared.resized_size)
-        if sampling.max_new_tokens > room:
-            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        check_tiling(params)
+        decoded = await self._prepare_image(image, min_pixels, max_pixels, params.options.tiling, run.deadline)
         run.image = ImageInfo(
-            width=prepared.width,
-            height=prepared.height,
-            resized_width=prepared.resized_size[0],
-            resized_height=prepared.resized_size[1],
+            width=decoded.width,
+            height=decoded.height,
+            resized_width=decoded.resized_size[0],
+            resized_height=decoded.resized_size[1],
         )
-        self.metrics.image_pixels.observe(run.image.resized_width * run.image.resized_height)
-        texts = self._task_texts(params, (prepared.width, prepared.height))
+        tiled = decoded.tiled
+        if tiled is None:
+            regions = [(decoded.width, decoded.height)]
+        else:
+            regions = [(t.width, t.height) for t in tiled.plan.tiles]
+            self._reserve_tiles(run, len(tiled.plan.tiles))
+            run.tile_infos = tiled.infos()
+            run.record.fields["tiles"] = len(regions)
+            self.metrics.tiles.labels(params.task.value).inc(len(regions))
+        forced = forced_per_region(params.options, len(regions))
+        # The whole-image pass first: the engine starts it first, and the detections cut by tile
+        # edges wait for it.
+        order = sorted(range(len(regions)), key=lambda i: not (tiled is not None and tiled.plan.tiles[i].whole))
         engine_token = uuid.uuid4().hex[:12]
-        engine_requests = [
-            EngineRequest(
-                # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
-                # refuses a running duplicate); the client's id stays in logs and headers.
-                request_id=f"{run.record.request_id}~{engine_token}" + (f"-{i}" if len(texts) > 1 else ""),
-                task_text=text,
-                image=prepared.resized,
-                sampling=sampling,
-                forced_output=forced,
-                logprobs=params.options.scores,
-                priority=params.options.priority,
-            )
-            for i, (text, forced) in enumerate(texts)
-        ]
         repetition_limit = self.settings.repetition_limit if params.options.stop_on_repetition else None
-        run.start_generation(engine_requests, repetition_limit)
+        engine_requests: list[EngineRequest] = []
+        sizes: list[tuple[int, int]] = []
+        tile_of: list[int] = []
+        for i in order:
+            view = decoded.inputs[i]
+            self.metrics.image_pixels.observe(view.width * view.height)
+            # An answer longer than the context leaves would be cut there anyway (vLLM ends it);
+            # asking for no more keeps the transformers engine inside the trained context too.
+            room = self._answer_room(view.size)
+            view_sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
+            for text, forced_text in self._task_texts(params, regions[i], forced[i]):
+                engine_requests.append(
+                    EngineRequest(
+                        # The engine's own id: unique even when clients reuse X-Request-ID (vLLM
+                        # refuses a running duplicate); the client's id stays in logs and headers.
+                        request_id=f"{run.record.request_id}~{engine_token}-{len(engine_requests)}",
+                        task_text=text,
+                        image=view,
+                        sampling=view_sampling,
+                        forced_output=forced_text,
+                        logprobs=params.options.scores,
+                        priority=params.options.priority,
+                    )
+                )
+                sizes.append(regions[i])
+                tile_of.append(i)
+        merge = None
+        if tiled is not None:
+            assert params.options.tiling is not None
+            merge = TileMerge(tiled.plan, tile_of, params.options.tiling.iou_threshold)
+        run.start_generation(engine_requests, sizes, repetition_limit, merge)
 
     async def _run(self, run: _Run) -> AsyncGenerator[ServiceEvent, None]:
-        """Engine events in, detection events out (as each is complete), then the result."""
+        """Engine events in, detection events out (as each is final), then the result."""
         trackers = run.trackers
         streams = EngineStreams(self.engine, run.engine_requests, run.deadline)
         try:
             # The hot loop: once per engine event (a token, or a few).
             while (arrived := await streams.next()) is not None:
                 index, event = arrived
+                if event is None:  # one of several streams ended
+                    for detection_event in self._ended(run, index):
+                        yield detection_event
+                    self._stop_at_max_detections(run, streams)
+                    continue
                 if event.started:
                     self._generation_started(run)
                 tracker = trackers[index]
-                for detection in tracker.on_event(event):
-                    yield self._emitted(run, index, detection)
-                    if run.at_max_detections:
-                        run.stopped = "max_detections"
-                        for i in range(len(trackers)):
-                            streams.stop(i)
-                        break
+                if found := tracker.on_event(event):
+                    for detection_event in self._deliver(run, run.slot(index), self._final(run, index, found)):
+                        yield detection_event
+                    self._stop_at_max_detections(run, streams)  # then no stream is active
                 if tracker.runaway and streams.active(index):
                     tracker.finish_reason = "repetition"
                     streams.stop(index)
+                    for detection_event in self._ended(run, index):
+                        yield detection_event
+                    self._stop_at_max_detections(run, streams)
         finally:
             await streams.close()
             self._count_tokens(run)
         if run.stopped is None:
-            for index, tracker in enumerate(trackers):
-                for detection in tracker.finish():
-                    yield self._emitted(run, index, detection)
+            for index in range(len(trackers)):
+                if index not in run.ended:
+                    for detection_event in self._ended(run, index):
+                        yield detection_event
+            if run.tiles is not None:
+                for detection_event in self._deliver(run, 0, run.tiles.finish()):
+                    yield detection_event
         yield DoneEvent(self._result(run))
+
+    @staticmethod
+    def _stop_at_max_detections(run: _Run, streams: EngineStreams) -> None:
+        if run.at_max_detections and run.stopped is None:
+            run.stopped = "max_detections"
+            for i in range(len(run.trackers)):
+                streams.stop(i)
+
+    @staticmethod
+    def _final(run: _Run, index: int, found: Sequence[DetectionModel]) -> Sequence[DetectionModel]:
+        """Of what engine request ``index`` found, what may stream now (all of it, untiled)."""
+        return found if run.tiles is None else run.tiles.found(index, found)
+
+    def _ended(self, run: _Run, index: int) -> Iterator[DetectionEvent]:
+        """Engine request ``index`` ended: its parser flushed, and a tiled run's tile maybe done."""
+        run.ended.add(index)
+        yield from self._deliver(run, run.slot(index), self._final(run, index, run.trackers[index].finish()))
+        if run.tiles is not None:
+            yield from self._deliver(run, 0, run.tiles.ended(index))
+
+    def _deliver(self, run: _Run, slot: int, detections: Sequence[DetectionModel]) -> Iterator[DetectionEvent]:
+        """Stream these detections, up to max_detections."""
+        for detection in detections:
+            if run.at_max_detections:
+                return
+            yield self._emitted(run, slot, detection)
 
     def _generation_started(self, run: _Run) -> None:
         if run.record.started is None:
@@ -492,6 +613,7 @@ class DetectionService:
             ),
             timings=timings,
             raw_output=", ".join("".join(t.raw) for t in trackers) if run.params.options.return_raw_output else None,
+            tiles=run.tile_infos,
         )
 
     async def detect(

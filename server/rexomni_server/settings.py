@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_side: int = Field(default=16384, ge=PATCH_SIDE)
     max_decoded_pixels: int = Field(default=100_000_000, description="Decompression-bomb guard on the decoded image.")
+    max_tiles: int = Field(
+        default=32,
+        ge=1,
+        description="Grid tiles a tiled request may use (the whole-image pass not counted); a plan "
+        "needing more is refused with a hint (larger tiles, or a smaller image).",
+    )
     decode_workers: int = Field(
         default=2, ge=1, description="Threads that decode and resize images (each holds one decoded image)."
     )

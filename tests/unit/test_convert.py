@@ -87,10 +87,11 @@ def test_params_round_trip(task: Task) -> None:
             },
         }
     )
-    # Every option differs from its default here, so a field the conversion forgets is caught.
+    # Every option differs from its default here, so a field the conversion forgets is caught
+    # (forced_tile_outputs excludes forced_output: its own round trip is tested below).
     assert {name for name, value in params.options if value != DetectOptions.model_fields[name].default} == set(
         DetectOptions.model_fields
-    )
+    ) - {"forced_tile_outputs"}
     back, image = params_from_pb(params_to_pb(params, b"\x89PNG"))
     assert back == params and image == b"\x89PNG"
 
@@ -126,13 +127,13 @@ def test_a_tile_size_the_schema_refuses_is_refused_over_grpc_too() -> None:
 
 def test_forced_outputs_per_tile_round_trip_as_their_own_field() -> None:
     params = DetectParams.model_validate(
-        {"categories": ["a"], "options": {"tiling": {"tile_size": 512}, "forced_output": ["one", "", "three"]}}
+        {"categories": ["a"], "options": {"tiling": {"tile_size": 512}, "forced_tile_outputs": ["one", "", "three"]}}
     )
     message = params_to_pb(params, b"")
     assert list(message.options.forced_tile_outputs) == ["one", "", "three"]
     assert not message.options.HasField("forced_output")
     back, _ = params_from_pb(message)
-    assert back == params and back.options.forced_output == ["one", "", "three"]
+    assert back == params and back.options.forced_tile_outputs == ["one", "", "three"]
 
 
 def test_forced_output_and_forced_tile_outputs_together_are_refused() -> None:
@@ -182,7 +183,7 @@ def test_repeated_fields_at_their_limits_are_accepted() -> None:
     assert len(params.visual_prompt_boxes or []) == MAX_VISUAL_PROMPT_BOXES
     options = pb.DetectOptions(tiling=pb.Tiling(), forced_tile_outputs=["x"] * MAX_FORCED_TILE_OUTPUTS)
     params, _ = params_from_pb(pb.DetectRequest(categories=["a"], options=options))
-    assert len(params.options.forced_output or []) == MAX_FORCED_TILE_OUTPUTS
+    assert len(params.options.forced_tile_outputs or []) == MAX_FORCED_TILE_OUTPUTS
 
 
 pixels = st.integers(min_value=0, max_value=100_000)

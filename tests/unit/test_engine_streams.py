@@ -88,3 +88,38 @@ async def test_a_client_leaving_while_engine_streams_wait_is_a_cancellation(engi
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class _ShortEngine:
+    """Writes ``tokens`` tokens for request ``r{i}`` (its index), then ends; request r1 waits
+    for the test before its last token."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        index = int(request.request_id[1:])
+        for _ in range(index + 1):
+            if index == 1:
+                await self.release.wait()
+            yield EngineEvent(text="<1>", tokens=1)
+            await asyncio.sleep(0)
+
+
+async def test_several_streams_report_each_end_once_and_a_stopped_one_none() -> None:
+    deadline = Deadline(time.perf_counter() + 5, 5)
+    engine = _ShortEngine()
+    streams = EngineStreams(engine, _requests(3), deadline)  # type: ignore[arg-type]
+    seen: list[tuple[int, bool]] = []
+    try:
+        while (arrived := await streams.next()) is not None:
+            index, event = arrived
+            seen.append((index, event is None))
+            if index == 2 and event is not None and not streams.active(0) and not engine.release.is_set():
+                streams.stop(2)  # stopped mid-answer: no end reported for it
+                engine.release.set()
+    finally:
+        deadline.cancel()
+        await streams.close()
+    assert seen.count((0, True)) == 1 and seen.count((1, True)) == 1 and (2, True) not in seen
+    assert seen.count((1, False)) == 2 and seen.index((0, True)) > seen.index((0, False))

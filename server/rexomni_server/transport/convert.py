@@ -68,13 +68,10 @@ def params_to_pb(params: DetectParams, image: bytes) -> Any:
         scores=o.scores,
         priority=o.priority,
     )
-    for name in ("max_new_tokens", "min_pixels", "max_pixels", "max_detections", "fan_out"):
+    for name in ("max_new_tokens", "min_pixels", "max_pixels", "forced_output", "max_detections", "fan_out"):
         if getattr(o, name) is not None:
             setattr(options, name, getattr(o, name))
-    if isinstance(o.forced_output, list):
-        options.forced_tile_outputs.extend(o.forced_output)
-    elif o.forced_output is not None:
-        options.forced_output = o.forced_output
+    options.forced_tile_outputs.extend(o.forced_tile_outputs or ())
     if o.tiling is not None:
         options.tiling.CopyFrom(_tiling_to_pb(o.tiling))
     return pb.DetectRequest(
@@ -102,14 +99,6 @@ def _tiling_from_pb(t: Any) -> dict[str, Any]:
     return tiling
 
 
-def _forced_from_pb(o: Any) -> str | list[str] | None:
-    if o.forced_tile_outputs:
-        if o.HasField("forced_output"):
-            raise ValueError("set forced_output or forced_tile_outputs, not both")
-        return list(o.forced_tile_outputs)
-    return o.forced_output if o.HasField("forced_output") else None
-
-
 def _check_repeated_lengths(request: Any) -> None:
     for name, limit in _REPEATED_LIMITS.items():
         count = len(reduce(getattr, name.split("."), request))
@@ -127,7 +116,8 @@ def params_from_pb(request: Any) -> tuple[DetectParams, bytes]:
         min_pixels=o.min_pixels if o.HasField("min_pixels") else None,
         max_pixels=o.max_pixels if o.HasField("max_pixels") else None,
         return_raw_output=o.return_raw_output,
-        forced_output=_forced_from_pb(o),
+        forced_output=o.forced_output if o.HasField("forced_output") else None,
+        forced_tile_outputs=list(o.forced_tile_outputs) or None,
         max_detections=o.max_detections if o.HasField("max_detections") else None,
         stop_on_repetition=o.stop_on_repetition if o.HasField("stop_on_repetition") else True,
         fan_out=o.fan_out if o.HasField("fan_out") else None,
