@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def image_bytes(width: int = 640, height: int = 480, fmt: str = "PNG", mode: str = "RGB", **save: object) -> bytes:
@@ -173,3 +175,24 @@ LABEL_STUDIO_DETECTION_CONFIG = """
   </RectangleLabels>
 </View>
 """
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any], float]]:
+    """(event name, its JSON data, when it arrived) for each server-sent event of a response."""
+    event = ""
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event:
+            yield event, json.loads(line.split(":", 1)[1]), time.perf_counter()
+            event = ""
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of a metric's samples (those with these labels) in a Prometheus exposition."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total

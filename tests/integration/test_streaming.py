@@ -8,21 +8,20 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from rexomni_server._pb.rexomni.v1 import detector_pb2 as pb
 from rexomni_server._pb.rexomni.v1 import detector_pb2_grpc as pb_grpc
 from rexomni_server.runtime import Runtime
 from rexomni_server.schemas import DetectParams
 from rexomni_server.transport.convert import detection_from_pb, params_to_pb, result_from_pb
-from tests.support import image_bytes
+from tests.support import image_bytes, metric_value, sse_events
 
 W, H = 640, 480
 PNG = image_bytes(W, H)
@@ -45,16 +44,6 @@ def body(forced: str = FORCED_50, **fields: Any) -> dict[str, Any]:
     }
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any], float]]:
-    event = ""
-    async for line in response.aiter_lines():
-        if line.startswith("event:"):
-            event = line.split(":", 1)[1].strip()
-        elif line.startswith("data:") and event:
-            yield event, json.loads(line.split(":", 1)[1]), time.perf_counter()
-            event = ""
-
-
 @contextlib.contextmanager
 def overridden_settings(runtime: Runtime, **update: Any) -> Iterator[None]:
     """Run with some service settings changed, restoring them afterwards."""
@@ -64,15 +53,6 @@ def overridden_settings(runtime: Runtime, **update: Any) -> Iterator[None]:
         yield
     finally:
         runtime.service.settings = original
-
-
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += sample.value
-    return total
 
 
 async def test_sse_streams_each_detection_before_done(live_servers: tuple[str, str]) -> None:
