@@ -612,9 +612,18 @@ class DetectionService:
                 completion_tokens=sum(t.completion_tokens for t in trackers),
             ),
             timings=timings,
-            raw_output=", ".join("".join(t.raw) for t in trackers) if run.params.options.return_raw_output else None,
+            raw_output=self._raw_output(run) if run.params.options.return_raw_output else None,
             tiles=run.tile_infos,
         )
+
+    @staticmethod
+    def _raw_output(run: _Run) -> str:
+        """Each engine request's text, joined by ', ': in category order, and for a tiled run in
+        tile order (grid tiles row by row, then the whole-image pass; the engine got that first)."""
+        order: Sequence[int] = range(len(run.trackers))
+        if run.tiles is not None:
+            order = sorted(order, key=run.tiles.tile_of.__getitem__)
+        return ", ".join("".join(run.trackers[i].raw) for i in order)
 
     async def detect(
         self,

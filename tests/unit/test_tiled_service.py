@@ -133,6 +133,15 @@ async def test_the_whole_image_pass_wins_for_a_cut_object_and_duplicates_in_the_
     )
 
 
+async def test_the_raw_output_lists_the_tiles_answers_in_tile_order() -> None:
+    service, engine = await make_service()
+    answers = [labelled_box("car", 1, 2, 3, 4), labelled_box("car", 5, 6, 7, 8), labelled_box("car", 9, 10, 11, 12)]
+    options = {"tiling": PAIR, "forced_tile_outputs": answers, "return_raw_output": True}
+    result = await service.detect(tiled(options=options), PAIR_IMAGE)
+    assert result.raw_output == ", ".join(answers)
+    assert engine.requests[0].forced_output == answers[-1]  # the whole-image pass started first
+
+
 async def test_points_merge_by_distance_and_are_mapped_back() -> None:
     service, _ = await make_service()
     point = "<|object_ref_start|>cup<|object_ref_end|><|box_start|>{}<|box_end|>"
