@@ -379,6 +379,7 @@ class TaskInfo(_Answer):
     requires_categories: bool
     requires_visual_prompt: bool
     requires_keypoint_type: bool
+    tileable: bool = Field(default=True, description="options.tiling applies to the task.")
 
 
 class TasksResponse(_Answer):

@@ -445,6 +445,28 @@ def test_keypoints_polygons_and_visual_prompts(browser: Any, photo: Path) -> Non
 
 
 @pytest.mark.slow
+def test_tiling_is_offered_where_it_applies_and_sent(browser: Any, photo: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    with live_server(ScriptedEngine()) as base:
+        open_page(browser, base, photo)
+        configure(browser, "gui_grounding", "the OK button")
+        assert not browser.find_element(By.ID, "tiling-field").is_displayed()  # a GUI task: refused there
+        configure(browser, "detection", "person, car", forced=DETECTION_OUTPUT)
+        # A small max_pixels, so this small photo is cut into tiles.
+        browser.execute_script("window.playground.extraOptions.max_pixels = 100000;")
+        browser.find_element(By.ID, "tiling").click()
+        assert '"tiling":"auto"' in browser.find_element(By.ID, "curl").text
+        assert run_and_wait(browser) == "done", browser.find_element(By.ID, "error").text
+        result = json.loads(browser.find_element(By.ID, "raw").text)
+        assert len(result["tiles"]) > 2 and result["tiles"][-1]["whole"]
+        assert len(state(browser, "drawn")) == len(result["detections"]) > 0
+        configure(browser, "gui_pointing", "the close icon")  # hidden again, and not sent
+        assert '"tiling"' not in browser.find_element(By.ID, "curl").text
+        assert_no_script_errors(browser)
+
+
+@pytest.mark.slow
 def test_errors_are_shown(browser: Any, photo: Path) -> None:
     from selenium.webdriver.common.by import By
 

@@ -49,6 +49,7 @@ from rexomni_server.schemas import (
 )
 from rexomni_server.service import DetectionEvent, DoneEvent, EncodedImage, ServiceEvent, new_request_id
 from rexomni_server.tasks import KEYPOINT_SETS, TASKS
+from rexomni_server.tiled import UNTILEABLE_TASKS
 
 DETECT_PATHS = frozenset({"/detect", "/v1/detect", "/detect/stream", "/v1/detect/stream"})
 SSE_PING_S = 15
@@ -439,6 +440,7 @@ def build_router() -> APIRouter:
                     requires_categories=spec.requires_categories,
                     requires_visual_prompt=spec.requires_visual_prompt,
                     requires_keypoint_type=spec.requires_keypoint_type,
+                    tileable=spec.task not in UNTILEABLE_TASKS,
                 )
                 for spec in TASKS.values()
             ],

@@ -42,6 +42,7 @@
     requires_categories: name !== "visual_prompting",
     requires_visual_prompt: name === "visual_prompting",
     requires_keypoint_type: name === "keypoint",
+    tileable: !["visual_prompting", "gui_grounding", "gui_pointing"].includes(name),
   }));
   const PLACEHOLDERS = {
     detection: "person, car", pointing: "cup", keypoint: "person", ocr_box: "word", ocr_polygon: "text line",
@@ -160,6 +161,7 @@
     el.categoriesField.hidden = !task.requires_categories;
     el.keypointField.hidden = !task.requires_keypoint_type;
     el.promptField.hidden = !task.requires_visual_prompt;
+    el.tilingField.hidden = task.tileable === false;
     el.stage.classList.toggle("prompting", prompting());
     el.categories.placeholder = PLACEHOLDERS[task.name] || "";
     redraw();
@@ -475,6 +477,7 @@
     const maxNewTokens = el.maxNewTokens.value.trim();
     if (maxNewTokens) options.max_new_tokens = Number(maxNewTokens);
     options.scores = el.scores.checked;
+    if (el.tiling.checked && currentTask().tileable !== false) options.tiling = "auto";
     Object.assign(options, playground.extraOptions || {});
     body.options = options;
     return body;
@@ -722,7 +725,8 @@
       file: "file", imageInfo: "image-info", task: "task", taskDescription: "task-description",
       categoriesField: "categories-field", categories: "categories", keypointField: "keypoint-field",
       keypointType: "keypoint-type", promptField: "prompt-field", promptBoxes: "prompt-boxes",
-      clearPrompts: "clear-prompts", maxNewTokens: "max-new-tokens", scores: "scores", apiKey: "api-key",
+      clearPrompts: "clear-prompts", maxNewTokens: "max-new-tokens", scores: "scores", tiling: "tiling",
+      tilingField: "tiling-field", apiKey: "api-key",
       rememberKey: "remember-key", run: "run", stop: "stop", status: "status", error: "error",
       stage: "stage", canvas: "canvas", dropHint: "drop-hint", threshold: "threshold",
       thresholdValue: "threshold-value", summary: "summary", detections: "detections", curl: "curl",
@@ -742,7 +746,7 @@
     el.stop.addEventListener("click", () => controller && controller.abort());
     el.file.addEventListener("change", () => loadFile(el.file.files[0]));
     el.task.addEventListener("change", taskChanged);
-    for (const input of [el.categories, el.keypointType, el.maxNewTokens, el.scores]) {
+    for (const input of [el.categories, el.keypointType, el.maxNewTokens, el.scores, el.tiling]) {
       input.addEventListener("input", updateCurl);
       input.addEventListener("change", updateCurl);
     }
