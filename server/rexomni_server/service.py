@@ -432,23 +432,36 @@ class DetectionService:
             resized_height=decoded.resized_size[1],
         )
         tiled = decoded.tiled
-        if tiled is None:
-            regions = [(decoded.width, decoded.height)]
-        else:
-            regions = [(t.width, t.height) for t in tiled.plan.tiles]
+        if tiled is not None:
             self._reserve_tiles(run, len(tiled.plan.tiles))
+        engine_requests, sizes, tile_of = self._engine_requests(run, decoded, sampling)
+        merge = None
+        if tiled is not None:
+            assert params.options.tiling is not None
+            merge = TileMerge(tiled.plan, tile_of, params.options.tiling.iou_threshold)
             run.tile_infos = tiled.infos()
-            run.record.fields["tiles"] = len(regions)
-            self.metrics.tiles.labels(params.task.value).inc(len(regions))
+            run.record.fields["tiles"] = len(tiled.plan.tiles)
+            self.metrics.tiles.labels(params.task.value).inc(len(tiled.plan.tiles))
+        repetition_limit = self.settings.repetition_limit if params.options.stop_on_repetition else None
+        run.start_generation(engine_requests, sizes, repetition_limit, merge)
+
+    def _engine_requests(
+        self, run: _Run, decoded: DecodedImage, sampling: SamplingConfig
+    ) -> tuple[list[EngineRequest], list[tuple[int, int]], list[int]]:
+        """The engine requests of each region (the image, or each tile: one, or one per category
+        when fanned out), the size their coordinates refer to, and the region of each."""
+        params, tiled = run.params, decoded.tiled
+        regions = (
+            [(decoded.width, decoded.height)] if tiled is None else [(t.width, t.height) for t in tiled.plan.tiles]
+        )
         forced = forced_per_region(params.options, len(regions))
         # The whole-image pass first: the engine starts it first, and the detections cut by tile
         # edges wait for it.
         order = sorted(range(len(regions)), key=lambda i: not (tiled is not None and tiled.plan.tiles[i].whole))
         engine_token = uuid.uuid4().hex[:12]
-        repetition_limit = self.settings.repetition_limit if params.options.stop_on_repetition else None
         engine_requests: list[EngineRequest] = []
         sizes: list[tuple[int, int]] = []
-        tile_of: list[int] = []
+        region_of: list[int] = []
         for i in order:
             view = decoded.inputs[i]
             self.metrics.image_pixels.observe(view.width * view.height)
@@ -471,12 +484,8 @@ class DetectionService:
                     )
                 )
                 sizes.append(regions[i])
-                tile_of.append(i)
-        merge = None
-        if tiled is not None:
-            assert params.options.tiling is not None
-            merge = TileMerge(tiled.plan, tile_of, params.options.tiling.iou_threshold)
-        run.start_generation(engine_requests, sizes, repetition_limit, merge)
+                region_of.append(i)
+        return engine_requests, sizes, region_of
 
     async def _run(self, run: _Run) -> AsyncGenerator[ServiceEvent, None]:
         """Engine events in, detection events out (as each is final), then the result."""
