@@ -83,6 +83,7 @@ bench: install vllm-env
 	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.load --engine vllm
 	$(BIN)/python -m benchmarks.load --engine transformers --concurrency 1 4 16 --requests 16
 	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.overhead --engine vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m benchmarks.tiling --engine vllm
 
 # On a GPU machine (PyTorch + transformers present): tests marked gpu + the 3B timings.
 bench-gpu:

@@ -179,15 +179,18 @@ class Timing:
     prompt_tokens: int = 0
 
 
-async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
-    """POST /v1/detect/stream and time the first `detection` event and the `done` event."""
+async def sse_stream(client: Any, body: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    """POST /v1/detect/stream: when its first `detection` event arrived (``time.perf_counter()``,
+    None without one) and the `done` event's result. RuntimeError, with the server's words, for
+    a refusal, an error event or a stream that ends without its result."""
     import json
 
-    start = time.perf_counter()
     first = None
-    done: dict[str, Any] = {}
+    done: dict[str, Any] | None = None
     async with client.stream("POST", "/v1/detect/stream", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
         event = ""
         async for line in response.aiter_lines():
             if line.startswith("event:"):
@@ -198,9 +201,16 @@ async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
                 done = json.loads(line[5:])
             elif line.startswith("data:") and event == "error":
                 raise RuntimeError(f"the server failed the request: {line[5:].strip()}")
-    end = time.perf_counter()
-    if not done:
+    if done is None:
         raise RuntimeError("the stream ended without its result")
+    return first, done
+
+
+async def sse_detect(client: Any, body: dict[str, Any]) -> Timing:
+    """POST /v1/detect/stream and time the first `detection` event and the `done` event."""
+    start = time.perf_counter()
+    first, done = await sse_stream(client, body)
+    end = time.perf_counter()
     return Timing(
         (first or end) - start,
         end - start,

@@ -82,6 +82,19 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
             ["| http | 2 | 4 |", "| sse | 2 | 4 |", "| grpc | 2 | 4 |"],
         ),
         ("refusals", ["--rounds", "1"], ["26 MB JSON body", "without a key (401)", "(429 + Retry-After)"]),
+        (
+            "tiling",
+            [
+                *("--engine", "scripted", "--width", "1200", "--height", "900", "--max-pixels", "200000"),
+                *("--rounds", "1", "--boxes", "2", "--out", "out/tiling-test"),
+            ],
+            [
+                "| mode | engine requests | wall (s) |",
+                "| one pass | 1 |",
+                "| tiled (server) | 10 |",
+                "| one at a time (client) | 10 |",
+            ],
+        ),
     ],
 )
 def test_the_other_benchmarks_print_their_tables(module: str, args: list[str], expected: list[str]) -> None:
