@@ -196,3 +196,11 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total += sample.value
     return total
+
+
+def phrase_group(label: str, *bins: int) -> str:
+    """One phrase group of a forced answer: ``label`` and the coordinate bins of its group (four
+    per box, two per point, one pair per polygon vertex)."""
+    return (
+        f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>" + "".join(f"<{b}>" for b in bins) + "<|box_end|>"
+    )

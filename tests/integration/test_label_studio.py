@@ -27,7 +27,7 @@ from rexomni_server.errors import Unauthenticated
 from rexomni_server.runtime import Runtime
 from rexomni_server.settings import Settings
 from rexomni_server.transport.label_studio import label_studio_router
-from tests.support import LABEL_STUDIO_DETECTION_CONFIG, image_bytes, noise_png, wait_until
+from tests.support import LABEL_STUDIO_DETECTION_CONFIG, image_bytes, noise_png, phrase_group, wait_until
 
 KEY = {"authorization": "Bearer secret"}
 LEGACY_TOKEN = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432"
@@ -52,17 +52,12 @@ OCR_CONFIG = """
 """
 
 
-def group(phrase: str, *coords: int) -> str:
-    body = "".join(f"<{c}>" for c in coords)
-    return f"<|object_ref_start|>{phrase}<|object_ref_end|><|box_start|>{body}<|box_end|>"
-
-
-CAR = group("Car", 100, 100, 500, 500)
+CAR = phrase_group("Car", 100, 100, 500, 500)
 POSE = (
     '```json\n{"person1": {"bbox": " <100> <100> <500> <900> ", "keypoints": {"nose": " <300> <200> ", '
     '"left eye": "unvisible", "right eye": " <320> <190> "}}}\n```'
 )
-TEXT = group("EXIT", 100, 100, 400, 100, 400, 300, 100, 300)
+TEXT = phrase_group("EXIT", 100, 100, 400, 100, 400, 300, 100, 300)
 # What the engine answers, by a piece of the task text it is asked.
 OUTPUTS = {"Detect Airplane, Car.": CAR, "detect each person": POSE, "polygon format": TEXT}
 SCORE = 0.8  # every coordinate token's probability, so every detection's score

@@ -22,7 +22,7 @@ from rexomni_server.service import (
 )
 from rexomni_server.settings import Settings
 from rexomni_server.vocabulary import FinishReason
-from tests.support import image_bytes
+from tests.support import image_bytes, phrase_group
 
 OUTPUT = (
     "<|object_ref_start|>person<|object_ref_end|><|box_start|><0><0><999><999>, <1><2><3><4><|box_end|>, "
@@ -251,12 +251,6 @@ class WholeChunkEngine(ScriptedEngine):
             self.closed.append(request.request_id)
 
 
-def labelled_box(label: str, *bins: int) -> str:
-    return (
-        f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>" + "".join(f"<{b}>" for b in bins) + "<|box_end|>"
-    )
-
-
 async def whole_chunk_service(delay: float = 0.0) -> tuple[DetectionService, WholeChunkEngine]:
     engine = WholeChunkEngine(concurrent_batching=True, token_delay_s=delay)
     engine.closed = []
@@ -267,7 +261,7 @@ async def whole_chunk_service(delay: float = 0.0) -> tuple[DetectionService, Who
 async def test_the_result_holds_exactly_what_was_streamed_when_max_detections_stops_fan_out() -> None:
     service, _ = await whole_chunk_service()
     forced = (
-        f"{labelled_box('cat', 1, 2, 3, 4)}, {labelled_box('cat', 5, 6, 7, 8)}, {labelled_box('dog', 10, 20, 30, 40)}"
+        f"{phrase_group('cat', 1, 2, 3, 4)}, {phrase_group('cat', 5, 6, 7, 8)}, {phrase_group('dog', 10, 20, 30, 40)}"
     )
     request = params(categories=["cat", "dog"], options={"forced_output": forced, "max_detections": 2, "fan_out": True})
     events = [e async for e in service.stream(request, IMAGE)]
@@ -281,7 +275,7 @@ async def test_the_result_holds_exactly_what_was_streamed_when_max_detections_st
 
 async def test_engine_ids_stay_unique_when_clients_reuse_a_request_id() -> None:
     service, engine = await whole_chunk_service()
-    forced = labelled_box("cat", 1, 2, 3, 4)
+    forced = phrase_group("cat", 1, 2, 3, 4)
     one = params(categories=["cat"], options={"forced_output": forced})
     results = await asyncio.gather(*(service.detect(one, IMAGE, request_id="same") for _ in range(2)))
     assert [r.request_id for r in results] == ["same", "same"]  # the client's id is kept
@@ -291,7 +285,7 @@ async def test_engine_ids_stay_unique_when_clients_reuse_a_request_id() -> None:
 
 async def test_closing_a_stream_closes_its_engine_request_at_once() -> None:
     service, engine = await whole_chunk_service(delay=5.0)  # the answer would take 5 s to finish
-    forced = labelled_box("dog", 1, 2, 3, 4)
+    forced = phrase_group("dog", 1, 2, 3, 4)
     events = service.stream(params(categories=["dog"], options={"forced_output": forced}), IMAGE)
     async for event in events:
         if isinstance(event, DetectionEvent):

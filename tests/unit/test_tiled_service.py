@@ -18,13 +18,7 @@ from rexomni_server.schemas import BoxDetection, DetectParams, PointDetection
 from rexomni_server.service import DetectionEvent, DetectionService, DoneEvent, ServiceEvent
 from rexomni_server.settings import Settings
 from rexomni_server.vocabulary import MAX_BIN
-from tests.support import image_bytes, wait_until
-
-
-def labelled_box(label: str, *bins: int) -> str:
-    return (
-        f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>" + "".join(f"<{b}>" for b in bins) + "<|box_end|>"
-    )
+from tests.support import image_bytes, phrase_group, wait_until
 
 
 def pixel(bin_index: int, size: int, start: int) -> float:
@@ -59,7 +53,7 @@ STARTS = [(0, 0), (900, 0), (0, 900), (900, 900)]
 
 async def test_a_plain_forced_output_answers_every_tile_each_mapped_into_its_tile() -> None:
     service, engine = await make_service()
-    forced = labelled_box("car", 400, 400, 600, 600)  # the middle of a tile: nothing to merge
+    forced = phrase_group("car", 400, 400, 600, 600)  # the middle of a tile: nothing to merge
     events = [e async for e in service.stream(tiled(options={"tiling": GRID, "forced_output": forced}), GRID_IMAGE)]
     streamed, done = streamed_and_done(events)
     result = done.result
@@ -104,7 +98,7 @@ PAIR = {"tile_size": 1100, "overlap": 0.1}
 async def test_an_object_cut_by_a_tile_edge_becomes_one_detection() -> None:
     service, _ = await make_service()
     # The car spans x 700..1500: the left tile sees it cut at its right side, the right tile at its left.
-    left, right = labelled_box("car", 636, 300, 999, 599), labelled_box("car", 0, 300, 545, 599)
+    left, right = phrase_group("car", 636, 300, 999, 599), phrase_group("car", 0, 300, 545, 599)
     options = {"tiling": {**PAIR, "whole_image": False}, "forced_tile_outputs": [left, right]}
     streamed, done = streamed_and_done([e async for e in service.stream(tiled(options=options), PAIR_IMAGE)])
     assert len(done.result.detections) == 1 and done.result.detections == streamed
@@ -118,9 +112,9 @@ async def test_an_object_cut_by_a_tile_edge_becomes_one_detection() -> None:
 
 async def test_the_whole_image_pass_wins_for_a_cut_object_and_duplicates_in_the_overlap_merge() -> None:
     service, _ = await make_service()
-    left = f"{labelled_box('car', 636, 300, 999, 599)}, {labelled_box('bus', 900, 50, 980, 150)}"
-    right = f"{labelled_box('car', 0, 300, 545, 599)}, {labelled_box('bus', 82, 50, 163, 150)}"
-    whole = labelled_box("car", 350, 300, 749, 599)  # the same car, seen whole
+    left = f"{phrase_group('car', 636, 300, 999, 599)}, {phrase_group('bus', 900, 50, 980, 150)}"
+    right = f"{phrase_group('car', 0, 300, 545, 599)}, {phrase_group('bus', 82, 50, 163, 150)}"
+    whole = phrase_group("car", 350, 300, 749, 599)  # the same car, seen whole
     options = {"tiling": PAIR, "forced_tile_outputs": [left, right, whole], "scores": False}
     result = await service.detect(tiled(categories=["car", "bus"], options=options), PAIR_IMAGE)
     boxes = {d.label: d.box for d in result.detections if isinstance(d, BoxDetection)}
@@ -135,7 +129,7 @@ async def test_the_whole_image_pass_wins_for_a_cut_object_and_duplicates_in_the_
 
 async def test_the_raw_output_lists_the_tiles_answers_in_tile_order() -> None:
     service, engine = await make_service()
-    answers = [labelled_box("car", 1, 2, 3, 4), labelled_box("car", 5, 6, 7, 8), labelled_box("car", 9, 10, 11, 12)]
+    answers = [phrase_group("car", 1, 2, 3, 4), phrase_group("car", 5, 6, 7, 8), phrase_group("car", 9, 10, 11, 12)]
     options = {"tiling": PAIR, "forced_tile_outputs": answers, "return_raw_output": True}
     result = await service.detect(tiled(options=options), PAIR_IMAGE)
     assert result.raw_output == ", ".join(answers)
@@ -171,7 +165,7 @@ async def test_a_detection_streams_before_the_other_tiles_end_when_nothing_can_m
     engine = GatedEngine()
     engine.release = asyncio.Event()
     service, _ = await make_service(engine)
-    interior, banded = labelled_box("car", 100, 100, 200, 200), labelled_box("car", 850, 100, 950, 200)
+    interior, banded = phrase_group("car", 100, 100, 200, 200), phrase_group("car", 850, 100, 950, 200)
     options = {"tiling": {**PAIR, "whole_image": False}, "forced_tile_outputs": [f"{interior}, {banded}", ""]}
     events = service.stream(tiled(options=options), PAIR_IMAGE)
     try:
@@ -189,7 +183,7 @@ async def test_a_detection_streams_before_the_other_tiles_end_when_nothing_can_m
 
 async def test_max_detections_counts_merged_detections_and_the_result_is_what_streamed() -> None:
     service, _ = await make_service()
-    forced = f"{labelled_box('car', 400, 400, 600, 600)}, {labelled_box('car', 100, 100, 200, 200)}"
+    forced = f"{phrase_group('car', 400, 400, 600, 600)}, {phrase_group('car', 100, 100, 200, 200)}"
     options = {"tiling": GRID, "forced_output": forced, "max_detections": 3}
     streamed, done = streamed_and_done([e async for e in service.stream(tiled(options=options), GRID_IMAGE)])
     assert len(streamed) == 3 and done.result.detections == streamed
@@ -201,7 +195,7 @@ async def test_tiles_fan_out_and_admission_counts_every_engine_request() -> None
     engine.held = "-0"
     engine.release = asyncio.Event()
     service, _ = await make_service(engine, max_queue=8)
-    options = {"tiling": {**PAIR}, "forced_output": labelled_box("bus", 1, 2, 3, 4)}
+    options = {"tiling": {**PAIR}, "forced_output": phrase_group("bus", 1, 2, 3, 4)}
     request = tiled(categories=["car", "bus"], options=options)
     running = asyncio.create_task(service.detect(request, PAIR_IMAGE))
     # 3 tiles (the whole-image pass included) x 2 categories, all started.
@@ -225,7 +219,7 @@ async def test_tiles_fan_out_and_admission_counts_every_engine_request() -> None
 
 async def test_an_image_within_max_pixels_is_one_tile() -> None:
     service, engine = await make_service()
-    forced = labelled_box("car", 10, 20, 30, 40)
+    forced = phrase_group("car", 10, 20, 30, 40)
     small = image_bytes(640, 480)
     plain = await service.detect(tiled(options={"forced_output": forced}), small)
     one = await service.detect(tiled(options={"forced_output": forced, "tiling": "auto"}), small)
