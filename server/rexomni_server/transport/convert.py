@@ -198,15 +198,7 @@ def result_to_pb(r: DetectResult) -> Any:
 
 
 def _tile_from_pb(t: Any) -> TileInfo:
-    return TileInfo(
-        x0=t.x0,
-        y0=t.y0,
-        x1=t.x1,
-        y1=t.y1,
-        whole=t.whole,
-        resized_width=t.resized_width,
-        resized_height=t.resized_height,
-    )
+    return TileInfo(**{name: getattr(t, name) for name in TileInfo.model_fields})
 
 
 def result_from_pb(r: Any) -> DetectResult:
