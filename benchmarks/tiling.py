@@ -273,8 +273,9 @@ def report_of(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    max_pixels = args.max_pixels or Settings().max_pixels
-    plan = plan_auto(args.width, args.height, max_pixels)
+    settings = Settings()
+    max_pixels = args.max_pixels or settings.max_pixels
+    plan = plan_auto(args.width, args.height, max_pixels, max_tiles=settings.max_tiles)  # as the server plans
     forced = realistic_forced(args.boxes)
     # ~8 tokens a box: twice that, and room for the labels, so the budget never cuts the answer.
     options = {"forced_output": forced, "max_new_tokens": 16 * args.boxes + 64, "max_pixels": max_pixels}

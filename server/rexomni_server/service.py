@@ -39,7 +39,6 @@ from rexomni_server.schemas import (
     DetectParams,
     DetectResult,
     ImageInfo,
-    TileInfo,
     TilingOptions,
     Timings,
     Usage,
@@ -151,7 +150,6 @@ class _Run:
     engine_requests: list[EngineRequest] = field(default_factory=list)
     trackers: list[OutputTracker] = field(default_factory=list)
     tiles: TileMerge | None = None
-    tile_infos: list[TileInfo] | None = None
     ended: set[int] = field(default_factory=set)  # engine requests whose output was flushed
     # What was streamed, per output slot (engine request; a tiled run has one): the result is
     # exactly these, in slot order (category order when fanned out, stream order when tiled).
@@ -438,8 +436,7 @@ class DetectionService:
         merge = None
         if tiled is not None:
             assert params.options.tiling is not None
-            merge = TileMerge(tiled.plan, tile_of, params.options.tiling.iou_threshold)
-            run.tile_infos = tiled.infos()
+            merge = TileMerge(tiled, tile_of, params.options.tiling.iou_threshold)
             run.record.fields["tiles"] = len(tiled.plan.tiles)
             self.metrics.tiles.labels(params.task.value).inc(len(tiled.plan.tiles))
         repetition_limit = self.settings.repetition_limit if params.options.stop_on_repetition else None
@@ -457,7 +454,8 @@ class DetectionService:
         forced = forced_per_region(params.options, len(regions))
         # The whole-image pass first: the engine starts it first, and the detections cut by tile
         # edges wait for it.
-        order = sorted(range(len(regions)), key=lambda i: not (tiled is not None and tiled.plan.tiles[i].whole))
+        whole = tiled.plan.whole_index if tiled is not None else None
+        order = sorted(range(len(regions)), key=lambda i: i != whole)
         engine_token = uuid.uuid4().hex[:12]
         engine_requests: list[EngineRequest] = []
         sizes: list[tuple[int, int]] = []
@@ -622,7 +620,7 @@ class DetectionService:
             ),
             timings=timings,
             raw_output=self._raw_output(run) if run.params.options.return_raw_output else None,
-            tiles=run.tile_infos,
+            tiles=run.tiles.tiled.infos() if run.tiles is not None else None,
         )
 
     @staticmethod

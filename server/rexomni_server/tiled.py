@@ -68,10 +68,10 @@ class TiledImage:
 
 def cut_tiles(image: Image.Image, plan: TilingPlan, min_pixels: int, max_pixels: int) -> TiledImage:
     """Crop and resize every tile (CPU work: the decode pool's)."""
-    full = (0, 0, image.width, image.height)
     images = []
     for tile in plan.tiles:
-        crop = image if crop_box(tile) == full else image.crop(crop_box(tile))
+        box = crop_box(tile)
+        crop = image if box == (0, 0, image.width, image.height) else image.crop(box)
         images.append(prepare_image(crop, min_pixels, max_pixels).resized)
     return TiledImage(plan, tuple(images))
 
@@ -95,11 +95,15 @@ class TileMerge:
     """A tiled run's merge: engine request ``i`` belongs to tile ``tile_of[i]``; a tile is done
     once all of its engine requests have ended."""
 
-    plan: TilingPlan
+    tiled: TiledImage
     tile_of: list[int]
     iou_threshold: float
     merger: StreamingMerger = field(init=False)
     _running: dict[int, int] = field(init=False)  # tile -> its engine requests not yet ended
+
+    @property
+    def plan(self) -> TilingPlan:
+        return self.tiled.plan
 
     def __post_init__(self) -> None:
         self.merger = StreamingMerger(self.plan, self.iou_threshold)
